@@ -1,0 +1,642 @@
+"""Distill on the Go (DoGo): online knowledge distillation for self-supervised learning.
+
+Bhat, Arani, Zonooz. "Distill on the Go: Online knowledge distillation in self-supervised
+learning", CVPR 2021 workshop on Learning from Limited and Imperfect Data, arXiv:2104.09866.
+
+Two networks learn from scratch at the same time, without labels. Each one solves SimCLR on its
+own two views of every image, and also learns to agree with its peer on how similar the images
+of a batch are to each other (deep mutual learning on similarity scores):
+
+    L_k = NT-Xent_k  +  lambda_k * KL( P_peer || P_k )      (P: row-softmax of cross-view cosines)
+
+Usage:
+    python dogo.py --arch resnet18 --peer resnet50                  # the paper's set-up, CIFAR-10
+    python dogo.py --arch resnet18 --peer none                      # solo SimCLR baseline
+    python dogo.py --dataset synthetic --epochs 2 --batch-size 64   # offline demo, CPU is fine
+    python dogo.py --resume runs/cifar10_resnet18_resnet50/checkpoint.pt --epochs 400
+
+Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt. Evaluate with eval_linear.py.
+File layout, in the paper's order: config, data and augmentations, networks, losses, training.
+"""
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+
+class UsageError(Exception):
+    """A problem the user can fix (a flag, a path, missing data): reported as one line, exit 2."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+def _flag(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # what to train
+    arch: str = _flag("resnet18", "the small network, the one DoGo is for")
+    peer: str = _flag("resnet50", "its peer, trained alongside; 'none' trains the arch alone with "
+                                  "SimCLR (the baseline DoGo is compared against)")
+    # data
+    dataset: str = _flag("cifar10", "cifar10 | cifar100 | stl10 | imagefolder | synthetic")
+    data_dir: str = _flag("./data", "where datasets are downloaded to, or the image folder "
+                                    "(with train/ and test/ or val/, one sub-folder per class)")
+    img_size: int = _flag(0, "training resolution; 0 = the dataset's own (32 for CIFAR and "
+                             "synthetic, 96 for STL-10, 64 for imagefolder)")
+    synthetic_size: int = _flag(2000, "images in the synthetic training split (test: a quarter)")
+    # optimisation (the paper's published configuration)
+    epochs: int = _flag(200, "passes over the data; 200 is the usual budget of SSL studies on "
+                             "CIFAR-sized data, and SSL keeps improving with longer schedules")
+    max_steps: int = _flag(0, "stop after this many training steps in total, counted across "
+                              "resumes; 0 = no cap (for quick runs)")
+    batch_size: int = _flag(256, "images per step; every image gives 4 views")
+    lr: float = _flag(3e-4, "Adam learning rate, for both networks")
+    weight_decay: float = _flag(1e-6, "Adam weight decay")
+    temperature: float = _flag(0.5, "NT-Xent temperature")
+    kd_temperature: float = _flag(0.1, "temperature of the similarity distributions in the KL term")
+    kd_weight: float = _flag(0.390625, "weight of the arch's KL term (KL averaged over rows); "
+                                       "0.390625 = 100/256, the authors' weight of 100 with their "
+                                       "N*N reduction at batch 256")
+    peer_kd_weight: float = _flag(0.00390625, "weight of the peer's KL term; 0.00390625 = 1/256, "
+                                              "the authors' weight of 1 at batch 256")
+    proj_dim: int = _flag(128, "size of the projection that the losses see")
+    # running
+    workers: int = _flag(4, "data-loading processes; 0 loads in the main process")
+    device: str = _flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+    seed: int = _flag(0, "seed for initialisation, data order and augmentations")
+    out_dir: str = _flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
+                             "or the checkpoint's folder with --resume")
+    resume: str = _flag("", "checkpoint.pt to continue from; flags given now override its config, "
+                            "except those that define the networks and data")
+    log_every: int = _flag(50, "steps between progress lines and rows of metrics.csv")
+
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+# A resumed run must rebuild exactly the same networks on the same data.
+FIXED_ON_RESUME = ("arch", "peer", "dataset", "img_size", "proj_dim")
+
+
+def parse_config(argv=None):
+    """Config from command-line flags, and the names of the flags actually given.
+
+    The flags are generated from Config: each flag's help is its field's documentation."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line naming the problem, no usage dump
+            raise UsageError(f"{message} (see python dogo.py --help)")
+
+    # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
+    parser = Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(Config):
+        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
+                            metavar=type(f.default).__name__.upper(),
+                            help=f"{f.metadata['help']} (default: {f.default!r})")
+    given = vars(parser.parse_args(argv))
+    return Config(**given), set(given)
+
+
+def check_config(cfg):
+    """Refuse values that cannot work, with the flag's name and what would."""
+    problems = [
+        (cfg.arch not in ARCHS, f"--arch {cfg.arch!r} is unknown; choose one of {', '.join(ARCHS)}"),
+        (cfg.peer not in ARCHS + ("none",),
+         f"--peer {cfg.peer!r} is unknown; choose one of {', '.join(ARCHS)}, none"),
+        (cfg.dataset not in DATASETS,
+         f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(DATASETS)}"),
+        (cfg.batch_size < 2, f"--batch-size must be at least 2 (NT-Xent needs negatives), "
+                             f"got {cfg.batch_size}"),
+        (cfg.epochs <= 0, f"--epochs must be positive, got {cfg.epochs}"),
+        (cfg.max_steps < 0, f"--max-steps must be 0 (no cap) or positive, got {cfg.max_steps}"),
+        (not cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
+        (cfg.weight_decay < 0, f"--weight-decay must be 0 or positive, got {cfg.weight_decay}"),
+        (not cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
+        (not cfg.kd_temperature > 0, f"--kd-temperature must be positive, got {cfg.kd_temperature}"),
+        (cfg.kd_weight < 0 or cfg.peer_kd_weight < 0, "--kd-weight and --peer-kd-weight must be >= 0"),
+        (cfg.img_size < 0 or 0 < cfg.img_size < 8, f"--img-size must be 0 (the dataset's) or at "
+                                                   f"least 8, got {cfg.img_size}"),
+        (cfg.synthetic_size < 8, f"--synthetic-size must be at least 8, got {cfg.synthetic_size}"),
+        (cfg.proj_dim < 1, f"--proj-dim must be positive, got {cfg.proj_dim}"),
+        (cfg.workers < 0, f"--workers must be 0 or positive, got {cfg.workers}"),
+        (cfg.log_every < 1, f"--log-every must be positive, got {cfg.log_every}"),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise UsageError(message)
+
+
+def pick_device(name):
+    """'auto' means CUDA when there is a GPU, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and augmentations
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetInfo:
+    img_size: int  # native resolution
+    mean: tuple    # per-channel normalisation
+    std: tuple
+
+
+DATASETS = {
+    "cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": DatasetInfo(96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+    "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+class SyntheticShapes(Dataset):
+    """A small labelled image dataset made in memory, deterministic for a given split and size.
+
+    Ten classes: five shapes (disk, square, triangle, ring, cross) and five textures (horizontal,
+    vertical and diagonal stripes, checkerboard, dots), each under a random foreground and
+    background colour, position, scale (or period) and a little pixel noise. A network has to
+    learn shape and texture, since colour and position carry no information about the class.
+    Items are (uint8 tensor 3 x S x S, label), as torchvision datasets give (PIL image, label).
+    """
+    classes = ("disk", "square", "triangle", "ring", "cross",
+               "hstripes", "vstripes", "diagonal", "checker", "dots")
+
+    def __init__(self, size=2000, img_size=32, train=True):
+        rng = np.random.default_rng(0 if train else 1)  # disjoint train and test images
+        self.targets = [i % len(self.classes) for i in range(size)]
+        self.images = torch.from_numpy(np.stack([self._draw(c, img_size, rng) for c in self.targets]))
+
+    @staticmethod
+    def _draw(label, s, rng):
+        y, x = np.mgrid[0:s, 0:s] / s                    # pixel centres in [0, 1)
+        cx, cy = rng.uniform(0.3, 0.7, size=2)
+        r = rng.uniform(0.15, 0.35)                      # shape radius, as a fraction of the image
+        period = rng.uniform(0.12, 0.3)                  # texture period, likewise
+        phase = rng.uniform(0, 1)
+        dx, dy = x - cx, y - cy
+        masks = [
+            dx ** 2 + dy ** 2 < r ** 2,                                          # disk
+            np.maximum(abs(dx), abs(dy)) < r * 0.8,                              # square
+            (dy < r * 0.7) & (dy > 2 * abs(dx) - r),                             # triangle
+            abs(np.sqrt(dx ** 2 + dy ** 2) - r * 0.8) < r * 0.25,                # ring
+            (np.minimum(abs(dx), abs(dy)) < r * 0.3) & (np.maximum(abs(dx), abs(dy)) < r),  # cross
+            (y / period + phase) % 1 < 0.5,                                      # hstripes
+            (x / period + phase) % 1 < 0.5,                                      # vstripes
+            ((x + y) / period + phase) % 1 < 0.5,                                # diagonal
+            ((x / period + phase) % 1 < 0.5) ^ ((y / period + phase) % 1 < 0.5),  # checker
+            ((x / period + phase) % 1 - 0.5) ** 2 + ((y / period + phase) % 1 - 0.5) ** 2 < 0.09,
+        ]
+        fg, bg = rng.uniform(0, 1, size=(2, 3, 1, 1))
+        bg = np.where(abs(fg - bg) < 0.3, 1 - fg, bg)    # keep foreground and background apart
+        img = np.where(masks[label], fg, bg) + rng.normal(0, 0.03, size=(3, s, s))
+        return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
+    """The raw (image, label) dataset of one split: 'ssl' (what self-supervision trains on),
+    'train' (the labelled training images) or 'test'. STL-10's 'ssl' adds its unlabeled split."""
+    if name == "synthetic":
+        n = synthetic_size if split != "test" else max(synthetic_size // 4, 10)
+        return SyntheticShapes(n, img_size, train=split != "test")
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            return cls(data_dir, train=split != "test", download=True)
+        if name == "stl10":
+            stl_split = {"ssl": "train+unlabeled", "train": "train", "test": "test"}[split]
+            return torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
+        folders = ["train"] if split != "test" else ["test", "val"]
+        for folder in folders:
+            if os.path.isdir(os.path.join(data_dir, folder)):
+                return torchvision.datasets.ImageFolder(os.path.join(data_dir, folder))
+        raise FileNotFoundError(f"no {' or '.join(f + '/' for f in folders)} folder")
+    except Exception as err:  # offline, missing, corrupt: all end the same way for the user
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UsageError(f"cannot load {name} ({split} split) from --data-dir {data_dir}: {reason}; "
+                         f"put the data there, or run offline with --dataset synthetic") from None
+
+
+def ssl_augmentation(img_size, dataset):
+    """SimCLR's augmentations (Chen et al. 2020, Appendix A), ending in a normalised tensor."""
+    info = DATASETS[dataset]
+    blur = []
+    if img_size >= 64:  # blur destroys the little detail that 32 px images have, so SimCLR skips it
+        kernel = int(0.1 * img_size) // 2 * 2 + 1  # odd, about 10% of the image
+        blur = [v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)]
+    return v2.Compose([
+        v2.ToImage(),
+        v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+        *blur,
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(info.mean, info.std),
+    ])
+
+
+def eval_transform(img_size, dataset):
+    """No augmentation: resize and centre-crop to the training size, then normalise."""
+    info = DATASETS[dataset]
+    return v2.Compose([v2.ToImage(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
+
+
+class Views(Dataset):
+    """Each item: (n_views x C x H x W tensor of independently augmented views, label).
+
+    DoGo uses four views per image: two for each network. Each network draws its own pair, so
+    neither can match its peer by seeing the same pixels (the paper's Figure 1)."""
+
+    def __init__(self, base, transform, n_views):
+        self.base, self.transform, self.n_views = base, transform, n_views
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return torch.stack([self.transform(img) for _ in range(self.n_views)]), label
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks: encoder f (a ResNet) and projection head g
+# ------------------------------------------------------------------------------------------------
+def resnet_encoder(arch, img_size):
+    """A torchvision ResNet without its classifier; returns (encoder, feature size).
+
+    Below 100 px the ImageNet stem (7x7 stride-2 conv, then max-pool) would shrink a 32 px image
+    to 8 px before the first block, so small images get the CIFAR stem: one 3x3 stride-1 conv and
+    no max-pool. (The authors' code picks the stem the same way.)"""
+    if arch not in ARCHS:
+        raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if img_size < 100:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features  # 512 for ResNet-18/34, 2048 for ResNet-50
+    net.fc = nn.Identity()
+    return net, feature_dim
+
+
+class SSLNet(nn.Module):
+    """Encoder f plus projection head g. forward(x) gives the L2-normalised projection z = g(f(x))
+    that the losses use; self.encoder(x) gives the representation that evaluation uses."""
+
+    def __init__(self, arch, img_size, proj_dim=128, hidden_dim=512):
+        super().__init__()
+        self.arch = arch
+        self.encoder, self.feature_dim = resnet_encoder(arch, img_size)
+        self.head = nn.Sequential(  # the authors' head: no bias before BatchNorm, which has its own
+            nn.Linear(self.feature_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True), nn.Linear(hidden_dim, proj_dim))
+
+    def forward(self, x):                 # x: (B, 3, H, W)
+        h = self.encoder(x)               # (B, feature_dim)
+        return F.normalize(self.head(h), dim=1)  # (B, proj_dim), unit length
+
+
+def build_networks(cfg):
+    """The arch network and its peer (None when training alone), as cfg describes them."""
+    net = SSLNet(cfg.arch, cfg.img_size, cfg.proj_dim)
+    peer = None if cfg.peer == "none" else SSLNet(cfg.peer, cfg.img_size, cfg.proj_dim)
+    return net, peer
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses: pure functions of the projections
+# ------------------------------------------------------------------------------------------------
+def nt_xent(z1, z2, temperature=0.5):
+    r"""SimCLR's NT-Xent loss over the 2N views of one network (Chen et al. 2020, eq. 1).
+
+    z1, z2: (N, d) projections of the two views of the same N images (row i of z1 and of z2
+    come from image i). With s(a, b) the cosine similarity and t the temperature,
+
+    .. math::
+        \ell_i = -\log \frac{\exp(s(z_i, z_{i^+}) / t)}{\sum_{k \ne i} \exp(s(z_i, z_k) / t)},
+        \qquad L = \frac{1}{2N} \sum_{i=1}^{2N} \ell_i
+
+    over the 2N stacked views, where i^+ is the other view of image i: one positive and 2N - 2
+    negatives per anchor. One (2N, 2N) matrix product: memory O(N^2), never an (N, N, d) tensor.
+    """
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]), dim=1)                       # (2N, d)
+    logits = z @ z.T / temperature                                    # (2N, 2N)
+    self_pair = torch.eye(2 * n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_pair, float("-inf"))             # k != i
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, positive)                          # mean of -log softmax
+
+
+def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
+    r"""DoGo's distillation term KL(Q || P): this network's similarity distribution P is pulled
+    towards its peer's, Q, which is a fixed target here (the peer side is detached).
+
+    z1, z2: (N, d) this network's projections of its two views; z1_peer, z2_peer: the peer's,
+    of its own two views of the same N images. With t = temperature,
+
+    .. math::
+        P_{ij} = \operatorname{softmax}_j\big(\cos(z^1_i, z^2_j) / t\big), \quad
+        Q_{ij} = \operatorname{softmax}_j\big(\cos(z^{1,peer}_i, z^{2,peer}_j) / t\big), \quad
+        \mathrm{KL}(Q \| P) = \frac{1}{N} \sum_{i=1}^{N} \sum_{j=1}^{N} Q_{ij} \log \frac{Q_{ij}}{P_{ij}}
+
+    summed over each row j and averaged over the N rows (anchors): a true KL divergence per row.
+
+    The authors' code computes ``kl_div(softmax(.).log(), Q)`` with PyTorch's default
+    reduction='mean', which divides by N*N instead of N. So their weight lambda_official on that
+    term equals lambda = lambda_official / N on this one: their 100 at N = 256 is 0.390625 here.
+    log_softmax (not softmax().log()) keeps log P finite when a probability underflows.
+    """
+    def log_similarity_distribution(a, b):                            # (N, N) row log-probabilities
+        return F.log_softmax(F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature, dim=1)
+
+    log_p = log_similarity_distribution(z1, z2)
+    # Stop-gradient: the peer is a teacher for this term only; it learns from its own term.
+    log_q = log_similarity_distribution(z1_peer.detach(), z2_peer.detach())
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)  # sum / N
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+class NonFiniteLoss(Exception):
+    """A loss became NaN or infinite: the run stops before that step changes any weight."""
+
+
+def train_step(student, peer, optimizers, views, cfg):
+    """One DoGo step on views (B, 4, C, H, W): views 0-1 go to the student, 2-3 to the peer.
+    With peer=None it is a plain SimCLR step on views 0-1. Returns the loss terms as floats."""
+    z1, z2 = student(torch.cat([views[:, 0], views[:, 1]])).chunk(2)   # (B, d) each
+    terms = {"ssl": nt_xent(z1, z2, cfg.temperature)}
+    loss = terms["ssl"]
+    if peer is not None:
+        p1, p2 = peer(torch.cat([views[:, 2], views[:, 3]])).chunk(2)  # the peer's own two views
+        terms["kl"] = dogo_kl(z1, z2, p1, p2, cfg.kd_temperature)      # student learns from peer
+        terms["ssl_peer"] = nt_xent(p1, p2, cfg.temperature)
+        terms["kl_peer"] = dogo_kl(p1, p2, z1, z2, cfg.kd_temperature)  # peer learns from student
+        loss = (loss + cfg.kd_weight * terms["kl"]
+                + terms["ssl_peer"] + cfg.peer_kd_weight * terms["kl_peer"])
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()))
+    # dogo_kl detaches its target, so each network's loss depends on its own weights only: one
+    # backward of the sum gives every network exactly the gradient of its own loss.
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for opt in optimizers:
+        opt.step()
+    return {k: v.item() for k, v in terms.items()}
+
+
+def _ignore_sigint(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+def make_loader(data, cfg, epoch, skip_batches, device):
+    """Batches of one epoch, in an order fixed by (seed, epoch), starting after skip_batches: a
+    resumed run sees exactly the images it would have seen without the interruption."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
+    return DataLoader(data, batch_size=cfg.batch_size, sampler=order[skip_batches * cfg.batch_size:].tolist(),
+                      drop_last=True,  # every step has the same number of negatives
+                      num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator().manual_seed(cfg.seed + epoch),  # worker seeds
+                      worker_init_fn=_ignore_sigint)
+
+
+class StopOnCtrlC:
+    """First Ctrl-C: finish the current step, save, and exit. A second Ctrl-C aborts at once."""
+    requested = False
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGINT)
+        if self.previous is not None:  # None: the handler was not installed from Python
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+        print("\nCtrl-C: saving after this step (Ctrl-C again aborts without saving)", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *_):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def save_checkpoint(path, cfg, step, student, peer, optimizers):
+    """Atomically (temporary file, then rename): a crash never leaves a half-written checkpoint.
+    Only tensors and plain Python values, so that it loads with torch.load(weights_only=True)."""
+    state = {
+        "config": dataclasses.asdict(cfg), "step": step,
+        "student": student.state_dict(), "student_opt": optimizers[0].state_dict(),
+        "peer": peer.state_dict() if peer else None,
+        "peer_opt": optimizers[1].state_dict() if peer else None,
+        "rng_cpu": torch.get_rng_state(),  # the augmentations draw from it
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, flag="--resume"):
+    """A checkpoint written by save_checkpoint, read without executing any code it may hold."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag} {path}: no such file; give the checkpoint.pt that dogo.py wrote")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"{flag} {path}: cannot be read as a checkpoint ({type(err).__name__}); "
+                         f"give a checkpoint.pt that dogo.py wrote") from None
+    if not isinstance(ckpt, dict) or not {"config", "step", "student", "peer"} <= ckpt.keys():
+        raise UsageError(f"{flag} {path}: not a dogo.py checkpoint (missing its config or networks)")
+    return ckpt
+
+
+def config_for_resume(cfg, given, ckpt):
+    """The checkpoint's config, with the flags given now applied, except that the flags which
+    define the networks and the data must agree with it."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+    for name in FIXED_ON_RESUME:
+        if name in given and getattr(cfg, name) != getattr(saved, name):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the "
+                             f"checkpoint's {getattr(saved, name)}; drop the flag to resume, "
+                             f"or start a new run without --resume")
+    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if k not in FIXED_ON_RESUME})
+
+
+def append_metrics(path, row):
+    new_file = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_losses(csv_path, png_path):
+    """losses.png from metrics.csv: each network's SSL term, and each network's KL term."""
+    from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebooks alone
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, term in zip(fig.subplots(1, 2), ("ssl", "kl")):
+        for key, who in ((term, "student"), (f"{term}_peer", "peer")):
+            if key in rows[0]:
+                ax.plot(steps, [float(r[key]) for r in rows], label=who)
+        ax.set(title={"ssl": "NT-Xent (SSL)", "kl": "KL to the peer"}[term], xlabel="step",
+               ylabel="loss")
+        if ax.lines:
+            ax.legend()
+    fig.savefig(png_path + ".tmp.png")
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+def train(cfg, given=frozenset()):
+    """Train cfg.arch with its peer (or alone); returns (student, peer). `given`: the flags set on
+    the command line, which override a resumed checkpoint's config."""
+    check_config(cfg)
+    cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
+    ckpt = None
+    if cfg.resume:
+        ckpt = load_checkpoint(cfg.resume)
+        cfg = config_for_resume(cfg, given, ckpt)
+        cfg.out_dir = cfg.out_dir if "out_dir" in given else os.path.dirname(os.path.abspath(cfg.resume))
+    cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    base = load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size)
+    data = Views(base, ssl_augmentation(cfg.img_size, cfg.dataset), 2 if cfg.peer == "none" else 4)
+    steps_per_epoch = len(data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
+                         f"images; use a smaller batch")
+    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+
+    student, peer = build_networks(cfg)
+    networks = [n.to(device) for n in (student, peer) if n is not None]
+    optimizers = [torch.optim.Adam(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                  for n in networks]
+    step = 0
+    if ckpt is not None:
+        if (ckpt["peer"] is None) != (peer is None):
+            raise UsageError(f"--resume {cfg.resume}: its peer does not match --peer {cfg.peer}")
+        for net, opt, name in zip(networks, optimizers, ("student", "peer")):
+            net.load_state_dict(ckpt[name])
+            opt.load_state_dict(ckpt[name + "_opt"])
+            for group in opt.param_groups:  # a --lr given now wins over the saved one
+                group["lr"] = cfg.lr
+        step = ckpt["step"]
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and ckpt["rng_cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    paths = {k: os.path.join(cfg.out_dir, k) for k in ("checkpoint.pt", "metrics.csv", "losses.png")}
+    if ckpt is None and os.path.exists(paths["checkpoint.pt"]):
+        print(f"note: {cfg.out_dir} holds an earlier run, which this one replaces "
+              f"(to continue it instead: --resume {paths['checkpoint.pt']})")
+    if ckpt is None and os.path.exists(paths["metrics.csv"]):
+        os.remove(paths["metrics.csv"])
+    pair = cfg.arch if cfg.peer == "none" else f"{cfg.arch} + peer {cfg.peer}"
+    print(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
+          f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
+          f"device {device}, out-dir {cfg.out_dir}", flush=True)
+    if step >= total_steps:
+        print(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
+        return student, peer
+
+    save = lambda: save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers)
+    sums, since, tick = {}, 0, time.time()
+    with StopOnCtrlC() as ctrl_c:
+        for net in networks:
+            net.train()
+        while step < total_steps and not ctrl_c.requested:
+            epoch = step // steps_per_epoch
+            for views, _ in make_loader(data, cfg, epoch, step % steps_per_epoch, device):
+                try:
+                    terms = train_step(student, peer, optimizers, views.to(device, non_blocking=True), cfg)
+                except NonFiniteLoss as err:
+                    kept = f"the last good checkpoint is {paths['checkpoint.pt']}" if os.path.exists(
+                        paths["checkpoint.pt"]) else "no checkpoint was written yet"
+                    raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped "
+                                        f"before updating the weights, {kept}; try a lower --lr") from None
+                step += 1
+                since += 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if step % cfg.log_every == 0 or step == total_steps or ctrl_c.requested:
+                    speed = since * cfg.batch_size / (time.time() - tick)
+                    row = {"epoch": epoch + 1, "step": step, **{k: v / since for k, v in sums.items()},
+                           "images_per_s": speed}
+                    append_metrics(paths["metrics.csv"], row)
+                    eta = (total_steps - step) * cfg.batch_size / speed
+                    print(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} | "
+                          + " ".join(f"{k} {v / since:.4f}" for k, v in sums.items())
+                          + f" | {speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 / 60:02.0f}m",
+                          flush=True)
+                    sums, since, tick = {}, 0, time.time()
+                if step == total_steps or ctrl_c.requested:
+                    break
+            save()  # end of an epoch, end of the run, or Ctrl-C
+            if os.path.exists(paths["metrics.csv"]):
+                plot_losses(paths["metrics.csv"], paths["losses.png"])
+    if ctrl_c.requested:
+        print(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "
+              f"python dogo.py --resume {paths['checkpoint.pt']}")
+        raise KeyboardInterrupt
+    print(f"done: {paths['checkpoint.pt']}, {paths['metrics.csv']}, {paths['losses.png']}")
+    return student, peer
+
+
+def main(argv=None):
+    try:
+        cfg, given = parse_config(argv)
+        train(cfg, given)
+    except UsageError as err:
+        print(f"dogo.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLoss as err:
+        print(f"dogo.py: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -51,9 +51,10 @@ def _flag(default, help):
 @dataclass
 class Config:
     # what to train
-    arch: str = _flag("resnet18", "the small network, the one DoGo is for")
-    peer: str = _flag("resnet50", "its peer, trained alongside; 'none' trains the arch alone with "
-                                  "SimCLR (the baseline DoGo is compared against)")
+    arch: str = _flag("resnet18", "the small network, the one DoGo is for: resnet18 | resnet34 | "
+                                  "resnet50")
+    peer: str = _flag("resnet50", "its peer, trained alongside (same choices), or none: the arch "
+                                  "alone with SimCLR, the baseline that DoGo is compared against")
     # data
     dataset: str = _flag("cifar10", "cifar10 | cifar100 | stl10 | imagefolder | synthetic")
     data_dir: str = _flag("./data", "where datasets are downloaded to, or the image folder "
@@ -78,7 +79,8 @@ class Config:
                                               "the authors' weight of 1 at batch 256")
     proj_dim: int = _flag(128, "size of the projection that the losses see")
     # running
-    workers: int = _flag(4, "data-loading processes; 0 loads in the main process")
+    workers: int = _flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's cores, "
+                                                        "up to 8); 0 loads in the main process")
     device: str = _flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     seed: int = _flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = _flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
@@ -107,7 +109,7 @@ def parse_config(argv=None):
     for f in dataclasses.fields(Config):
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
                             metavar=type(f.default).__name__.upper(),
-                            help=f"{f.metadata['help']} (default: {f.default!r})")
+                            help=f"{f.metadata['help']} (default: {f.default if f.default != '' else repr('')})")
     given = vars(parser.parse_args(argv))
     return Config(**given), set(given)
 

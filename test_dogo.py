@@ -1,0 +1,371 @@
+"""Tests for dogo.py. Run with: python -m pytest -q
+
+Two kinds: the vectorised math against slow, explicit loops, and the real script run as a
+subprocess on tiny settings (synthetic data, 16 px, a few steps)."""
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dogo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--peer", "resnet18", "--img-size", "16",
+        "--batch-size", "8", "--synthetic-size", "32", "--workers", "0", "--log-every", "1"]
+
+
+def run_dogo(*args, timeout=240):
+    return subprocess.run([sys.executable, os.path.join(HERE, "dogo.py"), *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses against explicit loops
+# ------------------------------------------------------------------------------------------------
+def cosine(a, b):
+    return float(sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b)))
+
+
+def nt_xent_loop(z1, z2, t):
+    views = list(z1.tolist()) + list(z2.tolist())
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        positive = i + n if i < n else i - n
+        denominator = sum(math.exp(cosine(views[i], views[k]) / t) for k in range(2 * n) if k != i)
+        total += -math.log(math.exp(cosine(views[i], views[positive]) / t) / denominator)
+    return total / (2 * n)
+
+
+def kl_loop(z1, z2, q1, q2, t):
+    """KL(Q || P) summed over each row and averaged over rows, one probability at a time."""
+    n = len(z1)
+
+    def row(a, b, i):
+        e = [math.exp(cosine(a[i], b[j]) / t) for j in range(n)]
+        return [x / sum(e) for x in e]
+
+    total = 0.0
+    for i in range(n):
+        p, q = row(z1.tolist(), z2.tolist(), i), row(q1.tolist(), q2.tolist(), i)
+        total += sum(q[j] * math.log(q[j] / p[j]) for j in range(n))
+    return total / n
+
+
+def random_projections(n=6, d=5, count=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, d, generator=g, dtype=torch.float64) for _ in range(count)]
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5, 2.0])
+def test_nt_xent_matches_loop(t):
+    z1, z2 = random_projections(count=2)
+    assert dogo.nt_xent(z1, z2, t).item() == pytest.approx(nt_xent_loop(z1, z2, t), abs=1e-6)
+
+
+def test_nt_xent_is_symmetric_in_its_views_and_scale_invariant():
+    z1, z2 = random_projections(count=2, seed=1)
+    assert dogo.nt_xent(z1, z2, 0.5).item() == pytest.approx(dogo.nt_xent(z2, z1, 0.5).item(), abs=1e-12)
+    assert dogo.nt_xent(3 * z1, z2, 0.5).item() == pytest.approx(dogo.nt_xent(z1, z2, 0.5).item(), abs=1e-12)
+
+
+def test_nt_xent_is_lowest_when_views_agree():
+    z1, z2 = random_projections(n=8, d=16, count=2, seed=2)
+    assert dogo.nt_xent(z1, z1, 0.5) < dogo.nt_xent(z1, z2, 0.5)
+
+
+@pytest.mark.parametrize("t", [0.1, 0.5])
+def test_dogo_kl_matches_loop(t):
+    z1, z2, q1, q2 = random_projections(seed=3)
+    assert dogo.dogo_kl(z1, z2, q1, q2, t).item() == pytest.approx(kl_loop(z1, z2, q1, q2, t), abs=1e-6)
+
+
+def test_dogo_kl_zero_for_same_similarities_and_positive_otherwise():
+    z1, z2, q1, q2 = random_projections(seed=4)
+    assert dogo.dogo_kl(z1, z2, z1.clone(), z2.clone(), 0.1).item() == pytest.approx(0.0, abs=1e-12)
+    # scaling does not change cosines, so the peer's similarities are the same
+    assert dogo.dogo_kl(z1, z2, 2 * z1, 5 * z2, 0.1).item() == pytest.approx(0.0, abs=1e-12)
+    assert dogo.dogo_kl(z1, z2, q1, q2, 0.1).item() > 1e-3
+
+
+def test_dogo_kl_gradient_reaches_own_projections_only():
+    z1, z2, q1, q2 = (z.requires_grad_() for z in random_projections(seed=5))
+    dogo.dogo_kl(z1, z2, q1, q2, 0.1).backward()
+    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+    assert q1.grad is None and q2.grad is None
+
+
+@pytest.mark.filterwarnings("ignore:reduction")  # PyTorch warns that 'mean' is not the true KL
+def test_kl_convention_converts_to_the_authors_reduction():
+    """The authors: weight 100 on kl_div(softmax().log(), Q) with reduction='mean' (sum / N^2).
+    Ours: weight 100 / N on the row-averaged KL. Both must give the same loss."""
+    z1, z2, q1, q2 = random_projections(n=16, d=8, seed=6)
+    t, n = 0.1, 16
+    p = F.softmax(F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).T / t, dim=1)
+    q = F.softmax(F.normalize(q1, dim=1) @ F.normalize(q2, dim=1).T / t, dim=1)
+    authors = 100 * F.kl_div(p.log(), q, reduction="mean")
+    assert (100 / n * dogo.dogo_kl(z1, z2, q1, q2, t)).item() == pytest.approx(authors.item(), rel=1e-9)
+    assert dogo.Config().kd_weight == 100 / 256 and dogo.Config().peer_kd_weight == 1 / 256
+
+
+def test_nt_xent_needs_no_n_by_n_by_d_tensor():
+    """Memory O(N^2): at N = 2048, d = 128 an (N, N, d) float32 tensor would take 2 GiB."""
+    z1, z2 = torch.randn(2048, 128, requires_grad=True), torch.randn(2048, 128, requires_grad=True)
+    largest = 0
+
+    def pack(t):
+        nonlocal largest
+        largest = max(largest, t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        dogo.nt_xent(z1, z2, 0.5) + dogo.dogo_kl(z1, z2, z2, z1, 0.1)
+    assert largest <= (2 * 2048) ** 2  # the (2N, 2N) logits, never N * N * d
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks, data, augmentations
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,features", [("resnet18", 512), ("resnet50", 2048)])
+def test_cifar_stem_keeps_resolution_and_feature_sizes(arch, features):
+    net = dogo.SSLNet(arch, img_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    stem = net.encoder.maxpool(net.encoder.relu(net.encoder.bn1(net.encoder.conv1(x))))
+    assert stem.shape[-2:] == (32, 32)
+    assert net.feature_dim == features and net.encoder(x).shape == (2, features)
+    z = net(x)
+    assert z.shape == (2, 128) and torch.allclose(z.norm(dim=1), torch.ones(2))
+
+
+def test_large_images_keep_the_imagenet_stem_and_the_asked_depth():
+    net = dogo.SSLNet("resnet34", img_size=128)
+    assert net.encoder.conv1.stride == (2, 2) and not isinstance(net.encoder.maxpool, torch.nn.Identity)
+    assert [len(layer) for layer in (net.encoder.layer1, net.encoder.layer2, net.encoder.layer3,
+                                     net.encoder.layer4)] == [3, 4, 6, 3]  # ResNet-34, not -18
+
+
+def test_synthetic_dataset_is_deterministic_balanced_and_split():
+    a, b = dogo.SyntheticShapes(50, 16), dogo.SyntheticShapes(50, 16)
+    test = dogo.SyntheticShapes(50, 16, train=False)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, test.images)
+    assert a.images.shape == (50, 3, 16, 16) and a.images.dtype == torch.uint8
+    assert sorted(set(a.targets)) == list(range(10)) and all(a.targets.count(c) == 5 for c in range(10))
+
+
+def test_views_differ_and_have_the_right_shape_and_range():
+    torch.manual_seed(0)
+    info = dogo.DATASETS["synthetic"]
+    views, label = dogo.Views(dogo.SyntheticShapes(10, 32), dogo.ssl_augmentation(32, "synthetic"), 4)[3]
+    assert views.shape == (4, 3, 32, 32) and views.dtype == torch.float32 and label == 3
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.allclose(views[i], views[j])
+    lo = min((0 - m) / s for m, s in zip(info.mean, info.std))
+    hi = max((1 - m) / s for m, s in zip(info.mean, info.std))
+    assert views.min() >= lo - 1e-5 and views.max() <= hi + 1e-5
+
+
+def test_blur_only_for_images_of_64_px_and_more():
+    names = lambda size: [type(t).__name__ for t in dogo.ssl_augmentation(size, "stl10").transforms]
+    blurred = lambda size: any("GaussianBlur" in str(t) for t in dogo.ssl_augmentation(size, "stl10").transforms)
+    assert "RandomResizedCrop" in names(32) and not blurred(32) and blurred(96)
+
+
+def test_missing_data_is_one_clear_error(tmp_path):
+    with pytest.raises(dogo.UsageError, match="--data-dir.*--dataset synthetic"):
+        dogo.load_dataset("imagefolder", str(tmp_path), "ssl")
+
+
+# ------------------------------------------------------------------------------------------------
+# Training step, checkpoints
+# ------------------------------------------------------------------------------------------------
+def tiny_pair(seed=0):
+    torch.manual_seed(seed)
+    cfg = dogo.Config(arch="resnet18", peer="resnet18", img_size=16, proj_dim=8)
+    student, peer = dogo.build_networks(cfg)
+    opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in (student, peer)]
+    return cfg, student, peer, opts
+
+
+def test_train_step_updates_both_networks_with_their_own_losses():
+    cfg, student, peer, opts = tiny_pair()
+    before = [p.detach().clone() for p in (student.head[-1].weight, peer.head[-1].weight)]
+    terms = dogo.train_step(student, peer, opts, torch.randn(6, 4, 3, 16, 16), cfg)
+    assert set(terms) == {"ssl", "kl", "ssl_peer", "kl_peer"} and all(math.isfinite(v) for v in terms.values())
+    assert not torch.equal(before[0], student.head[-1].weight) and not torch.equal(before[1], peer.head[-1].weight)
+
+
+def test_one_backward_gives_each_network_the_gradient_of_its_own_loss():
+    cfg, student, peer, _ = tiny_pair()
+    views = torch.randn(6, 4, 3, 16, 16)
+    student.eval(), peer.eval()  # fixed BatchNorm statistics: the same function in every pass
+    z1, z2 = student(torch.cat([views[:, 0], views[:, 1]])).chunk(2)
+    p1, p2 = peer(torch.cat([views[:, 2], views[:, 3]])).chunk(2)
+    own = dogo.nt_xent(z1, z2, 0.5) + cfg.kd_weight * dogo.dogo_kl(z1, z2, p1, p2, 0.1)
+    expected = torch.autograd.grad(own, student.head[-1].weight)[0]
+    recorder = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: keep the weights, read .grad
+    dogo.train_step(student, peer, [recorder, torch.optim.SGD(peer.parameters(), lr=0.0)], views, cfg)
+    assert torch.allclose(student.head[-1].weight.grad, expected, atol=1e-6)
+
+
+def test_non_finite_loss_stops_before_any_update():
+    cfg, student, peer, opts = tiny_pair()
+    with torch.no_grad():
+        student.head[-1].bias.fill_(float("nan"))
+    before = peer.head[-1].weight.detach().clone()
+    with pytest.raises(dogo.NonFiniteLoss):
+        dogo.train_step(student, peer, opts, torch.randn(4, 4, 3, 16, 16), cfg)
+    assert torch.equal(before, peer.head[-1].weight)
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    cfg, student, peer, opts = tiny_pair()
+    path = str(tmp_path / "checkpoint.pt")
+    dogo.save_checkpoint(path, cfg, 7, student, peer, opts)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+    def crash_halfway(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash_halfway)
+    with pytest.raises(OSError):
+        dogo.save_checkpoint(path, cfg, 8, student, peer, opts)
+    assert dogo.load_checkpoint(path)["step"] == 7  # the previous checkpoint is intact
+
+
+# ------------------------------------------------------------------------------------------------
+# The script, run as users run it
+# ------------------------------------------------------------------------------------------------
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("peer,columns", [
+    ("resnet18", ["epoch", "step", "ssl", "kl", "ssl_peer", "kl_peer", "images_per_s"]),
+    ("none", ["epoch", "step", "ssl", "images_per_s"]),
+])
+def test_script_trains_and_writes_its_outputs(tmp_path, peer, columns):
+    out = str(tmp_path / "run")
+    result = run_dogo(*TINY, "--peer", peer, "--max-steps", "5", "--out-dir", out)
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(out)
+    assert list(rows[0]) == columns and [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert [int(r["epoch"]) for r in rows] == [1, 1, 1, 1, 2]  # 32 images / batch 8 = 4 steps/epoch
+    assert all(math.isfinite(float(r[c])) and float(r[c]) >= 0 for r in rows for c in columns[2:])
+    with open(os.path.join(out, "losses.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["step"] == 5 and ckpt["config"]["peer"] == peer and ckpt["config"]["img_size"] == 16
+    student, peer_net = dogo.build_networks(dogo.Config(**ckpt["config"]))
+    student.load_state_dict(ckpt["student"])
+    if peer == "none":
+        assert ckpt["peer"] is None and peer_net is None
+    else:
+        peer_net.load_state_dict(ckpt["peer"])
+    assert "done:" in result.stdout and "step 5/5" in result.stdout
+
+
+def test_resume_gives_the_same_weights_as_one_run(tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    assert run_dogo(*TINY, "--max-steps", "4", "--out-dir", one).returncode == 0
+    assert run_dogo(*TINY, "--max-steps", "2", "--out-dir", two).returncode == 0
+    resumed = run_dogo("--resume", os.path.join(two, "checkpoint.pt"), "--max-steps", "4")
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for name in ("student", "peer"):
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
+    assert [r["step"] for r in read_metrics(two)] == ["1", "2", "3", "4"]
+    assert [r["ssl"] for r in read_metrics(two)] == [r["ssl"] for r in read_metrics(one)]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dogo.py"), *TINY, "--max-steps",
+                             "1000", "--out-dir", out], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "metrics.csv")) and time.time() < deadline:
+        time.sleep(0.2)  # wait until training runs
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    ckpt = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert 1 <= ckpt["step"] < 1000 and f"interrupted at step {ckpt['step']}" in stdout
+
+
+BAD_INPUTS = [
+    (["--arch", "resnet99"], "resnet18, resnet34, resnet50"),
+    (["--peer", "vgg"], "none"),
+    (["--dataset", "mnist"], "synthetic"),
+    (["--batch-size", "1"], "--batch-size"),
+    (["--batch-size", "64"], "larger than the 32 training images"),
+    (["--epochs", "0"], "--epochs"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "fast"], "--lr"),
+    (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--resume", "no/such/checkpoint.pt"], "no such file"),
+    (["--no-such-flag"], "unrecognized"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_:
+        dogo.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_checkpoints_are_refused(tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    cfg, student, peer, opts = tiny_pair()
+    good = str(tmp_path / "checkpoint.pt")
+    dogo.save_checkpoint(good, dogo.Config(**{**cfg.__dict__, "dataset": "synthetic"}), 1, student, peer, opts)
+    for args, message in [(["--resume", str(garbage)], "cannot be read"),
+                          (["--resume", good, "--arch", "resnet50"], "differs from the checkpoint")]:
+        with pytest.raises(SystemExit) as exit_:
+            dogo.main(args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_checkpoint_with_code_in_it_is_not_executed(tmp_path):
+    """weights_only loading: a pickle that would run code is refused, not run."""
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"config": {}, "step": 0, "student": {}, "peer": None,
+                "x": Exploit(str(marker))}, str(evil))
+    result = run_dogo("--resume", str(evil))
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not marker.exists()
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+class Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_help_documents_every_flag_with_its_default():
+    result = run_dogo("--help")
+    assert result.returncode == 0
+    for f in dogo.dataclasses.fields(dogo.Config):
+        assert "--" + f.name.replace("_", "-") in result.stdout
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "(default: 256)" in text and "100/256" in text

@@ -497,18 +497,57 @@ def config_for_resume(cfg, given, ckpt):
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if k not in FIXED_ON_RESUME})
 
 
-def append_metrics(path, row):
-    new_file = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+class Progress:
+    """Averages the loss terms over each --log-every interval; prints one line per interval and
+    appends the same numbers to metrics.csv."""
+
+    def __init__(self, csv_path, batch_size, total_steps, epochs):
+        self.csv_path, self.batch_size, self.total_steps, self.epochs = csv_path, batch_size, total_steps, epochs
+        self.sums, self.count, self.tick = {}, 0, time.time()
+
+    def add(self, terms):
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def log(self, epoch, step):
+        speed = self.count * self.batch_size / (time.time() - self.tick)
+        row = {"epoch": epoch, "step": step, **{k: v / self.count for k, v in self.sums.items()},
+               "images_per_s": speed}
+        new_file = not os.path.exists(self.csv_path)
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        eta = (self.total_steps - step) * self.batch_size / speed
+        terms = " ".join(f"{k} {v / self.count:.4f}" for k, v in self.sums.items())
+        print(f"epoch {epoch}/{self.epochs} step {step}/{self.total_steps} | {terms} | "
+              f"{speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
+        self.sums, self.count, self.tick = {}, 0, time.time()
+
+
+def keep_metrics_until(csv_path, step):
+    """Keep the rows of metrics.csv up to `step`: a resumed run drops the rows logged after its
+    checkpoint (steps that a crash lost), a new run (step 0) starts an empty file."""
+    if not os.path.exists(csv_path):
+        return
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    if not rows:
+        os.remove(csv_path)
+        return
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot_losses(csv_path, png_path):
     """losses.png from metrics.csv: each network's SSL term, and each network's KL term."""
     from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebooks alone
+    if not os.path.exists(csv_path):
+        return
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -527,20 +566,42 @@ def plot_losses(csv_path, png_path):
     os.replace(png_path + ".tmp.png", png_path)
 
 
-def train(cfg, given=frozenset()):
-    """Train cfg.arch with its peer (or alone); returns (student, peer). `given`: the flags set on
-    the command line, which override a resumed checkpoint's config."""
+def resolve_config(cfg, given=frozenset()):
+    """Check cfg and fill in what depends on other flags; with --resume, merge in the
+    checkpoint's config. Returns (config, checkpoint or None)."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
         cfg = config_for_resume(cfg, given, ckpt)
-        cfg.out_dir = cfg.out_dir if "out_dir" in given else os.path.dirname(os.path.abspath(cfg.resume))
+        if "out_dir" not in given:
+            cfg.out_dir = os.path.dirname(os.path.abspath(cfg.resume))
     cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
+    return cfg, ckpt
+
+
+def restore(ckpt, networks, optimizers, cfg, device):
+    """Load networks, optimiser states and RNG state from a checkpoint; returns its step."""
+    if (ckpt["peer"] is None) != (len(networks) == 1):
+        raise UsageError(f"--resume {cfg.resume}: its peer does not match --peer {cfg.peer}")
+    for net, opt, name in zip(networks, optimizers, ("student", "peer")):
+        net.load_state_dict(ckpt[name])
+        opt.load_state_dict(ckpt[name + "_opt"])
+        for group in opt.param_groups:  # a --lr given now wins over the saved one
+            group["lr"] = cfg.lr
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if device.type == "cuda" and ckpt["rng_cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    return ckpt["step"]
+
+
+def train(cfg, given=frozenset()):
+    """Train cfg.arch with its peer (or alone, with --peer none); returns (student, peer).
+    `given`: the names of the flags set on the command line, which override a resumed config."""
+    cfg, ckpt = resolve_config(cfg, given)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
-
     base = load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size)
     data = Views(base, ssl_augmentation(cfg.img_size, cfg.dataset), 2 if cfg.peer == "none" else 4)
     steps_per_epoch = len(data) // cfg.batch_size
@@ -554,27 +615,14 @@ def train(cfg, given=frozenset()):
     networks = [n.to(device) for n in (student, peer) if n is not None]
     optimizers = [torch.optim.Adam(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
                   for n in networks]
-    step = 0
-    if ckpt is not None:
-        if (ckpt["peer"] is None) != (peer is None):
-            raise UsageError(f"--resume {cfg.resume}: its peer does not match --peer {cfg.peer}")
-        for net, opt, name in zip(networks, optimizers, ("student", "peer")):
-            net.load_state_dict(ckpt[name])
-            opt.load_state_dict(ckpt[name + "_opt"])
-            for group in opt.param_groups:  # a --lr given now wins over the saved one
-                group["lr"] = cfg.lr
-        step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and ckpt["rng_cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    step = restore(ckpt, networks, optimizers, cfg, device) if ckpt else 0
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     paths = {k: os.path.join(cfg.out_dir, k) for k in ("checkpoint.pt", "metrics.csv", "losses.png")}
     if ckpt is None and os.path.exists(paths["checkpoint.pt"]):
         print(f"note: {cfg.out_dir} holds an earlier run, which this one replaces "
               f"(to continue it instead: --resume {paths['checkpoint.pt']})")
-    if ckpt is None and os.path.exists(paths["metrics.csv"]):
-        os.remove(paths["metrics.csv"])
+    keep_metrics_until(paths["metrics.csv"], step)
     pair = cfg.arch if cfg.peer == "none" else f"{cfg.arch} + peer {cfg.peer}"
     print(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
           f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
@@ -583,8 +631,7 @@ def train(cfg, given=frozenset()):
         print(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
 
-    save = lambda: save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers)
-    sums, since, tick = {}, 0, time.time()
+    progress = Progress(paths["metrics.csv"], cfg.batch_size, total_steps, cfg.epochs)
     with StopOnCtrlC() as ctrl_c:
         for net in networks:
             net.train()
@@ -592,32 +639,21 @@ def train(cfg, given=frozenset()):
             epoch = step // steps_per_epoch
             for views, _ in make_loader(data, cfg, epoch, step % steps_per_epoch, device):
                 try:
-                    terms = train_step(student, peer, optimizers, views.to(device, non_blocking=True), cfg)
+                    views = views.to(device, non_blocking=True)  # pinned memory: overlaps the copy
+                    progress.add(train_step(student, peer, optimizers, views, cfg))
                 except NonFiniteLoss as err:
-                    kept = f"the last good checkpoint is {paths['checkpoint.pt']}" if os.path.exists(
-                        paths["checkpoint.pt"]) else "no checkpoint was written yet"
+                    kept = (f"the last good checkpoint is {paths['checkpoint.pt']}"
+                            if os.path.exists(paths["checkpoint.pt"]) else "no checkpoint was written")
                     raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped "
-                                        f"before updating the weights, {kept}; try a lower --lr") from None
+                                        f"before updating the weights; {kept}; try a lower --lr") from None
                 step += 1
-                since += 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
                 if step % cfg.log_every == 0 or step == total_steps or ctrl_c.requested:
-                    speed = since * cfg.batch_size / (time.time() - tick)
-                    row = {"epoch": epoch + 1, "step": step, **{k: v / since for k, v in sums.items()},
-                           "images_per_s": speed}
-                    append_metrics(paths["metrics.csv"], row)
-                    eta = (total_steps - step) * cfg.batch_size / speed
-                    print(f"epoch {epoch + 1}/{cfg.epochs} step {step}/{total_steps} | "
-                          + " ".join(f"{k} {v / since:.4f}" for k, v in sums.items())
-                          + f" | {speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 / 60:02.0f}m",
-                          flush=True)
-                    sums, since, tick = {}, 0, time.time()
+                    progress.log(epoch + 1, step)
                 if step == total_steps or ctrl_c.requested:
                     break
-            save()  # end of an epoch, end of the run, or Ctrl-C
-            if os.path.exists(paths["metrics.csv"]):
-                plot_losses(paths["metrics.csv"], paths["losses.png"])
+            # end of an epoch, of the run, or Ctrl-C
+            save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers)
+            plot_losses(paths["metrics.csv"], paths["losses.png"])
     if ctrl_c.requested:
         print(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "
               f"python dogo.py --resume {paths['checkpoint.pt']}")

@@ -279,6 +279,8 @@ def test_resume_gives_the_same_weights_as_one_run(tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     assert run_dogo(*TINY, "--max-steps", "4", "--out-dir", one).returncode == 0
     assert run_dogo(*TINY, "--max-steps", "2", "--out-dir", two).returncode == 0
+    with open(os.path.join(two, "metrics.csv"), "a") as f:  # a row logged after the checkpoint,
+        f.write("1,3,9,9,9,9,9\n")                           # as a crash would leave it
     resumed = run_dogo("--resume", os.path.join(two, "checkpoint.pt"), "--max-steps", "4")
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)

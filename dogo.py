@@ -3,8 +3,8 @@
 Bhat, Arani, Zonooz. "Distill on the Go: Online knowledge distillation in self-supervised
 learning", CVPR 2021 workshop on Learning from Limited and Imperfect Data, arXiv:2104.09866.
 
-Two networks learn from scratch at the same time, without labels. Each one solves SimCLR on its
-own two views of every image, and also learns to agree with its peer on how similar the images
+Two networks learn from scratch at the same time, without labels. Each one solves SimCLR (or
+SimSiam) on its own two views of every image, and also learns to agree with its peer on how similar the images
 of a batch are to each other (deep mutual learning on similarity scores):
 
     L_k = NT-Xent_k  +  lambda_k * KL( P_peer || P_k )      (P: row-softmax of cross-view cosines)
@@ -12,6 +12,7 @@ of a batch are to each other (deep mutual learning on similarity scores):
 Usage:
     python dogo.py --arch resnet18 --peer resnet50                  # the paper's set-up, CIFAR-10
     python dogo.py --arch resnet18 --peer none                      # solo SimCLR baseline
+    python dogo.py --arch wrn16_2 --peer resnet50 --peer-objective simsiam   # other pairings
     python dogo.py --dataset synthetic --epochs 2 --batch-size 64   # offline demo, CPU is fine
     python dogo.py --resume runs/cifar10_resnet18_resnet50/checkpoint.pt --epochs 400
 
@@ -21,7 +22,6 @@ File layout, in the paper's order: config, data and augmentations, networks, los
 import argparse
 import csv
 import dataclasses
-import math
 import os
 import signal
 import sys
@@ -44,55 +44,80 @@ class UsageError(Exception):
 # ------------------------------------------------------------------------------------------------
 # Config
 # ------------------------------------------------------------------------------------------------
-def _flag(default, help):
-    return field(default=default, metadata={"help": help})
+ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "wrn16_8", "wrn28_2",
+         "mobilenetv2", "shufflenetv2")
+OBJECTIVES = ("simclr", "simsiam")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    img_size: int  # native resolution
+    mean: tuple    # per-channel normalisation
+    std: tuple
+
+
+DATASETS = {
+    "cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": DatasetInfo(96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+    "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+def _flag(default, help, choices=None, at_least=None, above=None):
+    """A Config field: its default, its documentation (the flag's help) and its valid values."""
+    return field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above))
 
 
 @dataclass
 class Config:
     # what to train
-    arch: str = _flag("resnet18", "the small network, the one DoGo is for: resnet18 | resnet34 | "
-                                  "resnet50")
-    peer: str = _flag("resnet50", "its peer, trained alongside (same choices), or none: the arch "
-                                  "alone with SimCLR, the baseline that DoGo is compared against")
+    arch: str = _flag("resnet18", "the small network, the one DoGo is for", ARCHS)
+    peer: str = _flag("resnet50", "its peer, trained alongside; none: the arch alone, the baseline "
+                                  "that DoGo is compared against", ARCHS + ("none",))
+    objective: str = _flag("simclr", "the arch's self-supervised task", OBJECTIVES)
+    peer_objective: str = _flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
     # data
-    dataset: str = _flag("cifar10", "cifar10 | cifar100 | stl10 | imagefolder | synthetic")
+    dataset: str = _flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
     data_dir: str = _flag("./data", "where datasets are downloaded to, or the image folder "
                                     "(with train/ and test/ or val/, one sub-folder per class)")
     img_size: int = _flag(0, "training resolution; 0 = the dataset's own (32 for CIFAR and "
-                             "synthetic, 96 for STL-10, 64 for imagefolder)")
-    synthetic_size: int = _flag(2000, "images in the synthetic training split (test: a quarter)")
+                             "synthetic, 96 for STL-10, 64 for imagefolder)", at_least=0)
+    synthetic_size: int = _flag(2000, "images in the synthetic training split (test: a quarter)",
+                                at_least=10)
     # optimisation (the paper's published configuration)
     epochs: int = _flag(200, "passes over the data; 200 is the usual budget of SSL studies on "
-                             "CIFAR-sized data, and SSL keeps improving with longer schedules")
+                             "CIFAR-sized data, and SSL keeps improving with longer schedules", at_least=1)
     max_steps: int = _flag(0, "stop after this many training steps in total, counted across "
-                              "resumes; 0 = no cap (for quick runs)")
-    batch_size: int = _flag(256, "images per step; every image gives 4 views")
-    lr: float = _flag(3e-4, "Adam learning rate, for both networks")
-    weight_decay: float = _flag(1e-6, "Adam weight decay")
-    temperature: float = _flag(0.5, "NT-Xent temperature")
-    kd_temperature: float = _flag(0.1, "temperature of the similarity distributions in the KL term")
+                              "resumes; 0 = no cap (for quick runs)", at_least=0)
+    batch_size: int = _flag(256, "images per step, each giving 4 views; NT-Xent needs 2 or more",
+                            at_least=2)
+    lr: float = _flag(3e-4, "Adam learning rate, for both networks", above=0)
+    weight_decay: float = _flag(1e-6, "Adam weight decay", at_least=0)
+    temperature: float = _flag(0.5, "NT-Xent temperature", above=0)
+    kd_temperature: float = _flag(0.1, "temperature of the similarity distributions in the KL term",
+                                  above=0)
     kd_weight: float = _flag(0.390625, "weight of the arch's KL term (KL averaged over rows); "
                                        "0.390625 = 100/256, the authors' weight of 100 with their "
-                                       "N*N reduction at batch 256")
+                                       "N*N reduction at batch 256", at_least=0)
     peer_kd_weight: float = _flag(0.00390625, "weight of the peer's KL term; 0.00390625 = 1/256, "
-                                              "the authors' weight of 1 at batch 256")
-    proj_dim: int = _flag(128, "size of the projection that the losses see")
+                                              "the authors' weight of 1 at batch 256", at_least=0)
+    proj_dim: int = _flag(128, "size of SimCLR's projection, which the losses see", at_least=1)
     # running
-    workers: int = _flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's cores, "
-                                                        "up to 8); 0 loads in the main process")
+    workers: int = _flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
+                         "cores, up to 8); 0 loads in the main process", at_least=0)
     device: str = _flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     seed: int = _flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = _flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
                              "or the checkpoint's folder with --resume")
     resume: str = _flag("", "checkpoint.pt to continue from; flags given now override its config, "
                             "except those that define the networks and data")
-    log_every: int = _flag(50, "steps between progress lines and rows of metrics.csv")
+    log_every: int = _flag(50, "steps between progress lines and rows of metrics.csv", at_least=1)
 
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
 # A resumed run must rebuild exactly the same networks on the same data.
-FIXED_ON_RESUME = ("arch", "peer", "dataset", "img_size", "proj_dim")
+FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 
 
 def parse_config(argv=None):
@@ -107,40 +132,25 @@ def parse_config(argv=None):
     # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
     parser = Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(Config):
+        choices = f" ({' | '.join(c or repr(c) for c in f.metadata['choices'])})" if f.metadata["choices"] else ""
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
                             metavar=type(f.default).__name__.upper(),
-                            help=f"{f.metadata['help']} (default: {f.default if f.default != '' else repr('')})")
+                            help=f"{f.metadata['help']}{choices} (default: {f.default!r})")
     given = vars(parser.parse_args(argv))
     return Config(**given), set(given)
 
 
 def check_config(cfg):
-    """Refuse values that cannot work, with the flag's name and what would."""
-    problems = [
-        (cfg.arch not in ARCHS, f"--arch {cfg.arch!r} is unknown; choose one of {', '.join(ARCHS)}"),
-        (cfg.peer not in ARCHS + ("none",),
-         f"--peer {cfg.peer!r} is unknown; choose one of {', '.join(ARCHS)}, none"),
-        (cfg.dataset not in DATASETS,
-         f"--dataset {cfg.dataset!r} is unknown; choose one of {', '.join(DATASETS)}"),
-        (cfg.batch_size < 2, f"--batch-size must be at least 2 (NT-Xent needs negatives), "
-                             f"got {cfg.batch_size}"),
-        (cfg.epochs <= 0, f"--epochs must be positive, got {cfg.epochs}"),
-        (cfg.max_steps < 0, f"--max-steps must be 0 (no cap) or positive, got {cfg.max_steps}"),
-        (not cfg.lr > 0, f"--lr must be positive, got {cfg.lr}"),
-        (cfg.weight_decay < 0, f"--weight-decay must be 0 or positive, got {cfg.weight_decay}"),
-        (not cfg.temperature > 0, f"--temperature must be positive, got {cfg.temperature}"),
-        (not cfg.kd_temperature > 0, f"--kd-temperature must be positive, got {cfg.kd_temperature}"),
-        (cfg.kd_weight < 0 or cfg.peer_kd_weight < 0, "--kd-weight and --peer-kd-weight must be >= 0"),
-        (cfg.img_size < 0 or 0 < cfg.img_size < 8, f"--img-size must be 0 (the dataset's) or at "
-                                                   f"least 8, got {cfg.img_size}"),
-        (cfg.synthetic_size < 8, f"--synthetic-size must be at least 8, got {cfg.synthetic_size}"),
-        (cfg.proj_dim < 1, f"--proj-dim must be positive, got {cfg.proj_dim}"),
-        (cfg.workers < 0, f"--workers must be 0 or positive, got {cfg.workers}"),
-        (cfg.log_every < 1, f"--log-every must be positive, got {cfg.log_every}"),
-    ]
-    for bad, message in problems:
-        if bad:
-            raise UsageError(message)
+    """Refuse values that cannot work, naming the flag and what it takes (Config's metadata)."""
+    for f in dataclasses.fields(Config):
+        value, flag, rule = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata
+        if rule["choices"] and value not in rule["choices"]:
+            raise UsageError(f"{flag} {value!r} is unknown; choose one of "
+                             f"{', '.join(c or repr(c) for c in rule['choices'])}")
+        if rule["at_least"] is not None and not value >= rule["at_least"]:
+            raise UsageError(f"{flag} must be at least {rule['at_least']}, got {value}")
+        if rule["above"] is not None and not value > rule["above"]:
+            raise UsageError(f"{flag} must be above {rule['above']}, got {value}")
 
 
 def pick_device(name):
@@ -159,22 +169,6 @@ def pick_device(name):
 # ------------------------------------------------------------------------------------------------
 # Data and augmentations
 # ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DatasetInfo:
-    img_size: int  # native resolution
-    mean: tuple    # per-channel normalisation
-    std: tuple
-
-
-DATASETS = {
-    "cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": DatasetInfo(96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
-    "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
-
-
 class SyntheticShapes(Dataset):
     """A small labelled image dataset made in memory, deterministic for a given split and size.
 
@@ -292,46 +286,105 @@ class Views(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------
-# Networks: encoder f (a ResNet) and projection head g
+# Networks: encoder f (the backbone) and projection head g
 # ------------------------------------------------------------------------------------------------
-def resnet_encoder(arch, img_size):
-    """A torchvision ResNet without its classifier; returns (encoder, feature size).
+class WideBlock(nn.Module):
+    """Pre-activation residual block of a WideResNet: BN-ReLU-conv, twice."""
 
-    Below 100 px the ImageNet stem (7x7 stride-2 conv, then max-pool) would shrink a 32 px image
-    to 8 px before the first block, so small images get the CIFAR stem: one 3x3 stride-1 conv and
-    no max-pool. (The authors' code picks the stem the same way.)"""
-    if arch not in ARCHS:
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+                         if stride != 1 or c_in != c_out else None)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        return y + (x if self.shortcut is None else self.shortcut(a))
+
+
+def wide_resnet(depth, width):
+    """WRN-depth-width (Zagoruyko & Komodakis 2016): three groups of (depth - 4) / 6 blocks with
+    16w, 32w and 64w channels, the last two at stride 2. Made for 32 px images."""
+    blocks, c_in = [], 16
+    for group, c_out in enumerate((16 * width, 32 * width, 64 * width)):
+        for b in range((depth - 4) // 6):
+            blocks.append(WideBlock(c_in, c_out, stride=2 if group > 0 and b == 0 else 1))
+            c_in = c_out
+    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), *blocks, nn.BatchNorm2d(c_in),
+                         nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def make_encoder(arch, img_size):
+    """The backbone without its classifier: (B, 3, S, S) -> (B, feature size). Returns
+    (encoder, feature size); the size is measured on a dummy image, not looked up per name.
+
+    Below 100 px the ImageNet stems (stride-2 convolution, then max-pool) would shrink a 32 px
+    image to 8 px before the first block, so small images keep their resolution through the stem:
+    ResNets get the CIFAR stem (one 3x3 stride-1 conv, no max-pool), MobileNetV2 and
+    ShuffleNetV2 a stride-1 first convolution (and no max-pool). WideResNets are CIFAR networks."""
+    small = img_size < 100
+    if arch.startswith("wrn"):
+        depth, width = (int(n) for n in arch[3:].split("_"))
+        net = wide_resnet(depth, width)
+    elif arch.startswith("resnet"):
+        net = getattr(torchvision.models, arch)(weights=None)
+        if small:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+    elif arch == "mobilenetv2":
+        net = torchvision.models.mobilenet_v2(weights=None)
+        if small:
+            net.features[0][0].stride = (1, 1)
+        net.classifier = nn.Identity()
+    elif arch == "shufflenetv2":
+        net = torchvision.models.shufflenet_v2_x1_0(weights=None)
+        if small:
+            net.conv1[0].stride = (1, 1)
+            net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+    else:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
-    net = getattr(torchvision.models, arch)(weights=None)
-    if img_size < 100:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    feature_dim = net.fc.in_features  # 512 for ResNet-18/34, 2048 for ResNet-50
-    net.fc = nn.Identity()
-    return net, feature_dim
+    with torch.no_grad():
+        feature_dim = net.eval()(torch.zeros(1, 3, img_size, img_size)).shape[1]
+    return net.train(), feature_dim
 
 
 class SSLNet(nn.Module):
-    """Encoder f plus projection head g. forward(x) gives the L2-normalised projection z = g(f(x))
-    that the losses use; self.encoder(x) gives the representation that evaluation uses."""
+    """Encoder f, projection head g and, for SimSiam, predictor h.
 
-    def __init__(self, arch, img_size, proj_dim=128, hidden_dim=512):
+    forward(x) gives the L2-normalised projection z = g(f(x)); project(x) the same before
+    normalisation; self.encoder(x) the representation that evaluation uses.
+    SimCLR's head is the authors': Linear(f, 512, no bias) - BN - ReLU - Linear(512, proj_dim).
+    SimSiam's (Chen & He 2021) is sized down for small images: a 512-d projector ending in BN and
+    a 128-d predictor bottleneck."""
+
+    def __init__(self, arch, img_size, proj_dim=128, objective="simclr", hidden_dim=512):
         super().__init__()
-        self.arch = arch
-        self.encoder, self.feature_dim = resnet_encoder(arch, img_size)
-        self.head = nn.Sequential(  # the authors' head: no bias before BatchNorm, which has its own
-            nn.Linear(self.feature_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True), nn.Linear(hidden_dim, proj_dim))
+        self.arch, self.objective = arch, objective
+        self.encoder, self.feature_dim = make_encoder(arch, img_size)
+        block = lambda i, o: [nn.Linear(i, o, bias=False), nn.BatchNorm1d(o), nn.ReLU(inplace=True)]
+        if objective == "simclr":  # no bias before BatchNorm: BN brings its own
+            self.head = nn.Sequential(*block(self.feature_dim, hidden_dim), nn.Linear(hidden_dim, proj_dim))
+            self.predictor = None
+        else:
+            self.head = nn.Sequential(*block(self.feature_dim, hidden_dim), *block(hidden_dim, hidden_dim)[:2])
+            self.predictor = nn.Sequential(*block(hidden_dim, hidden_dim // 4), nn.Linear(hidden_dim // 4, hidden_dim))
 
-    def forward(self, x):                 # x: (B, 3, H, W)
-        h = self.encoder(x)               # (B, feature_dim)
-        return F.normalize(self.head(h), dim=1)  # (B, proj_dim), unit length
+    def project(self, x):                 # x: (B, 3, H, W)
+        return self.head(self.encoder(x))  # (B, proj_dim)
+
+    def forward(self, x):
+        return F.normalize(self.project(x), dim=1)  # (B, proj_dim), unit length
 
 
 def build_networks(cfg):
     """The arch network and its peer (None when training alone), as cfg describes them."""
-    net = SSLNet(cfg.arch, cfg.img_size, cfg.proj_dim)
-    peer = None if cfg.peer == "none" else SSLNet(cfg.peer, cfg.img_size, cfg.proj_dim)
+    net = SSLNet(cfg.arch, cfg.img_size, cfg.proj_dim, cfg.objective)
+    peer = (None if cfg.peer == "none"
+            else SSLNet(cfg.peer, cfg.img_size, cfg.proj_dim, cfg.peer_objective or cfg.objective))
     return net, peer
 
 
@@ -378,6 +431,8 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
     reduction='mean', which divides by N*N instead of N. So their weight lambda_official on that
     term equals lambda = lambda_official / N on this one: their 100 at N = 256 is 0.390625 here.
     log_softmax (not softmax().log()) keeps log P finite when a probability underflows.
+    Which tensors enter for each objective (SimCLR: both projections; SimSiam: prediction of view
+    1 and projection of view 2) is decided by ssl_forward; a mixed pair mixes them.
     """
     def log_similarity_distribution(a, b):                            # (N, N) row log-probabilities
         return F.log_softmax(F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature, dim=1)
@@ -388,6 +443,18 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)  # sum / N
 
 
+def simsiam_loss(p1, p2, z1, z2):
+    r"""SimSiam's symmetric loss (Chen & He 2021, eq. 1-2): each view's prediction p regresses
+    the other view's projection z, which is a fixed target (stop-gradient, which is what keeps
+    SimSiam from collapsing without negatives):
+
+    .. math::  L = -\tfrac{1}{2}\cos(p_1, \mathrm{sg}(z_2)) - \tfrac{1}{2}\cos(p_2, \mathrm{sg}(z_1))
+
+    averaged over the batch. p1, p2, z1, z2: (N, d)."""
+    return -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
+             + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
@@ -395,17 +462,28 @@ class NonFiniteLoss(Exception):
     """A loss became NaN or infinite: the run stops before that step changes any weight."""
 
 
+def ssl_forward(net, x1, x2, temperature):
+    """One network on its two views: (its SSL loss, the two (N, d) matrices that its KL term
+    compares). SimCLR: NT-Xent, and the projections of both views. SimSiam: its own loss, and the
+    prediction of view 1 against the projection of view 2, the pair that SimSiam itself aligns."""
+    z1, z2 = net.project(torch.cat([x1, x2])).chunk(2)                  # (B, d) each
+    if net.objective == "simclr":
+        return nt_xent(z1, z2, temperature), (z1, z2)
+    p1, p2 = net.predictor(torch.cat([z1, z2])).chunk(2)
+    return simsiam_loss(p1, p2, z1, z2), (p1, z2)
+
+
 def train_step(student, peer, optimizers, views, cfg):
     """One DoGo step on views (B, 4, C, H, W): views 0-1 go to the student, 2-3 to the peer.
-    With peer=None it is a plain SimCLR step on views 0-1. Returns the loss terms as floats."""
-    z1, z2 = student(torch.cat([views[:, 0], views[:, 1]])).chunk(2)   # (B, d) each
-    terms = {"ssl": nt_xent(z1, z2, cfg.temperature)}
-    loss = terms["ssl"]
+    With peer=None it is a plain SSL step on views 0-1. Returns the loss terms as floats."""
+    ssl, (s1, s2) = ssl_forward(student, views[:, 0], views[:, 1], cfg.temperature)
+    terms = {"ssl": ssl}
+    loss = ssl
     if peer is not None:
-        p1, p2 = peer(torch.cat([views[:, 2], views[:, 3]])).chunk(2)  # the peer's own two views
-        terms["kl"] = dogo_kl(z1, z2, p1, p2, cfg.kd_temperature)      # student learns from peer
-        terms["ssl_peer"] = nt_xent(p1, p2, cfg.temperature)
-        terms["kl_peer"] = dogo_kl(p1, p2, z1, z2, cfg.kd_temperature)  # peer learns from student
+        ssl_peer, (q1, q2) = ssl_forward(peer, views[:, 2], views[:, 3], cfg.temperature)
+        terms["kl"] = dogo_kl(s1, s2, q1, q2, cfg.kd_temperature)       # student learns from peer
+        terms["ssl_peer"] = ssl_peer
+        terms["kl_peer"] = dogo_kl(q1, q2, s1, s2, cfg.kd_temperature)  # peer learns from student
         loss = (loss + cfg.kd_weight * terms["kl"]
                 + terms["ssl_peer"] + cfg.peer_kd_weight * terms["kl_peer"])
     if not torch.isfinite(loss):
@@ -440,9 +518,7 @@ class StopOnCtrlC:
     requested = False
 
     def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGINT)
-        if self.previous is not None:  # None: the handler was not installed from Python
-            signal.signal(signal.SIGINT, self._handle)
+        self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, *_):
@@ -451,8 +527,7 @@ class StopOnCtrlC:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *_):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        signal.signal(signal.SIGINT, self.previous)
 
 
 def save_checkpoint(path, cfg, step, student, peer, optimizers):
@@ -482,19 +557,6 @@ def load_checkpoint(path, flag="--resume"):
     if not isinstance(ckpt, dict) or not {"config", "step", "student", "peer"} <= ckpt.keys():
         raise UsageError(f"{flag} {path}: not a dogo.py checkpoint (missing its config or networks)")
     return ckpt
-
-
-def config_for_resume(cfg, given, ckpt):
-    """The checkpoint's config, with the flags given now applied, except that the flags which
-    define the networks and the data must agree with it."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    saved = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
-    for name in FIXED_ON_RESUME:
-        if name in given and getattr(cfg, name) != getattr(saved, name):
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the "
-                             f"checkpoint's {getattr(saved, name)}; drop the flag to resume, "
-                             f"or start a new run without --resume")
-    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if k not in FIXED_ON_RESUME})
 
 
 class Progress:
@@ -567,14 +629,22 @@ def plot_losses(csv_path, png_path):
 
 
 def resolve_config(cfg, given=frozenset()):
-    """Check cfg and fill in what depends on other flags; with --resume, merge in the
-    checkpoint's config. Returns (config, checkpoint or None)."""
+    """Check cfg and fill in what depends on other flags. With --resume, the checkpoint's config
+    with the flags given now applied, except that those which define the networks and the data
+    must agree with it. Returns (config, checkpoint or None)."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
-        cfg = config_for_resume(cfg, given, ckpt)
+        known = {f.name for f in dataclasses.fields(Config)}
+        saved = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+        for name in FIXED_ON_RESUME:
+            if name in given and getattr(cfg, name) != getattr(saved, name):
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the "
+                                 f"checkpoint's {getattr(saved, name)}; drop the flag to resume, "
+                                 f"or start a new run without --resume")
+        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if k not in FIXED_ON_RESUME})
         if "out_dir" not in given:
             cfg.out_dir = os.path.dirname(os.path.abspath(cfg.resume))
     cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
@@ -666,12 +736,9 @@ def main(argv=None):
     try:
         cfg, given = parse_config(argv)
         train(cfg, given)
-    except UsageError as err:
+    except (UsageError, NonFiniteLoss) as err:
         print(f"dogo.py: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLoss as err:
-        print(f"dogo.py: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(err, UsageError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
 

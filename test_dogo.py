@@ -371,3 +371,121 @@ def test_help_documents_every_flag_with_its_default():
         assert "--" + f.name.replace("_", "-") in result.stdout
     text = " ".join(result.stdout.split())  # argparse wraps lines
     assert "(default: 256)" in text and "100/256" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Other backbones and SimSiam
+# ------------------------------------------------------------------------------------------------
+FEATURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "wrn10_2": 128, "wrn16_2": 128,
+            "wrn16_4": 256, "wrn16_8": 512, "wrn28_2": 128, "mobilenetv2": 1280, "shufflenetv2": 1024}
+
+
+def synthetic_views(n=4, size=16, seed=0):
+    torch.manual_seed(seed)
+    data = dogo.Views(dogo.SyntheticShapes(n, size), dogo.ssl_augmentation(size, "synthetic"), 4)
+    return torch.stack([data[i][0] for i in range(n)])  # (n, 4, 3, size, size)
+
+
+def test_every_backbone_is_offered_and_documented():
+    assert set(dogo.ARCHS) == set(FEATURES)
+    help_text = " ".join(run_dogo("--help").stdout.split())
+    assert all(arch in help_text for arch in FEATURES) and "simsiam" in help_text
+
+
+@pytest.mark.parametrize("arch", sorted(FEATURES))
+def test_backbone_feature_size_and_two_training_steps(arch):
+    cfg = dogo.Config(arch=arch, peer="none", img_size=16)
+    student, _ = dogo.build_networks(cfg)
+    assert student.feature_dim == FEATURES[arch]
+    assert student.encoder(torch.zeros(2, 3, 16, 16)).shape == (2, FEATURES[arch])
+    opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in student.encoder.parameters()]
+    views = synthetic_views(n=2)
+    losses = [dogo.train_step(student, None, [opt], views, cfg)["ssl"] for _ in range(2)]
+    assert all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.encoder.parameters()))
+
+
+@pytest.mark.parametrize("arch,first_conv", [("mobilenetv2", lambda e: e.features[0][0]),
+                                             ("shufflenetv2", lambda e: e.conv1[0])])
+def test_small_image_stems_keep_the_resolution(arch, first_conv):
+    small, large = dogo.SSLNet(arch, 32), dogo.SSLNet(arch, 128)
+    assert first_conv(small.encoder).stride == (1, 1) and first_conv(large.encoder).stride == (2, 2)
+    assert first_conv(small.encoder)(torch.zeros(1, 3, 32, 32)).shape[-1] == 32
+
+
+def simsiam_loop(p1, p2, z1, z2):
+    total = 0.0
+    for i in range(len(p1)):
+        total -= 0.5 * cosine(p1[i].tolist(), z2[i].tolist()) + 0.5 * cosine(p2[i].tolist(), z1[i].tolist())
+    return total / len(p1)
+
+
+def test_simsiam_loss_matches_loop_and_stops_the_gradient_at_the_projections():
+    p1, p2, z1, z2 = (z.requires_grad_() for z in random_projections(seed=7))
+    loss = dogo.simsiam_loss(p1, p2, z1, z2)
+    assert loss.item() == pytest.approx(simsiam_loop(p1, p2, z1, z2), abs=1e-9)
+    loss.backward()
+    assert p1.grad.abs().sum() > 0 and p2.grad.abs().sum() > 0
+    assert z1.grad is None and z2.grad is None  # the target branch gets no gradient
+
+
+def test_simsiam_network_distils_its_prediction_against_its_projection():
+    torch.manual_seed(0)
+    net = dogo.SSLNet("resnet18", 16, objective="simsiam").eval()
+    x1, x2 = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    _, (a, b) = dogo.ssl_forward(net, x1, x2, 0.5)
+    assert torch.allclose(a, net.predictor(net.project(x1)), atol=1e-5)
+    assert torch.allclose(b, net.project(x2), atol=1e-5)
+    simclr = dogo.SSLNet("resnet18", 16).eval()
+    _, (a, b) = dogo.ssl_forward(simclr, x1, x2, 0.5)
+    assert torch.allclose(a, simclr.project(x1), atol=1e-5) and torch.allclose(b, simclr.project(x2), atol=1e-5)
+
+
+@pytest.mark.parametrize("objective,peer_objective", [("simclr", "simclr"), ("simsiam", "simsiam"),
+                                                      ("simclr", "simsiam"), ("simsiam", "simclr")])
+def test_every_objective_pairing_trains(objective, peer_objective):
+    cfg = dogo.Config(arch="resnet18", peer="wrn10_2", img_size=16, objective=objective,
+                      peer_objective=peer_objective)
+    student, peer = dogo.build_networks(cfg)
+    assert (student.predictor is None) == (objective == "simclr") and peer.objective == peer_objective
+    opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in (student, peer)]
+    heads = [n.head[0].weight.detach().clone() for n in (student, peer)]
+    for _ in range(2):
+        terms = dogo.train_step(student, peer, opts, synthetic_views(), cfg)
+        assert set(terms) == {"ssl", "kl", "ssl_peer", "kl_peer"} and all(map(math.isfinite, terms.values()))
+    assert all(not torch.equal(h, n.head[0].weight) for h, n in zip(heads, (student, peer)))
+    if objective == "simsiam":
+        assert -1.0 <= terms["ssl"] <= 1.0  # a negative cosine
+
+
+def test_mixed_pair_through_the_script_and_resume_keeps_the_objectives(tmp_path, capsys):
+    out = str(tmp_path / "mixed")
+    args = [*TINY, "--arch", "wrn10_2", "--peer", "resnet18", "--objective", "simclr",
+            "--peer-objective", "simsiam", "--out-dir", out]
+    dogo.main([*args, "--max-steps", "2"])
+    dogo.main(["--resume", os.path.join(out, "checkpoint.pt"), "--max-steps", "3"])
+    ckpt = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ckpt["step"] == 3 and ckpt["config"]["peer_objective"] == "simsiam"
+    assert any(k.startswith("predictor.") for k in ckpt["peer"]) and not any(k.startswith("predictor.") for k in ckpt["student"])
+    with pytest.raises(SystemExit):
+        dogo.main(["--resume", os.path.join(out, "checkpoint.pt"), "--peer-objective", "simclr"])
+    assert "differs from the checkpoint" in capsys.readouterr().err
+
+
+def test_image_folder_trains_and_finds_its_test_split(tmp_path, capsys):
+    from PIL import Image
+    rng = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("val", 2)):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / split / cls)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (20, 24, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    test = dogo.load_dataset("imagefolder", str(tmp_path), "test")
+    assert len(test) == 4 and test.classes == ["cat", "dog"]
+    out = str(tmp_path / "run")
+    dogo.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path), "--img-size", "16", "--arch",
+               "resnet18", "--peer", "none", "--batch-size", "4", "--workers", "0", "--out-dir", out,
+               "--epochs", "1"])
+    assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 3  # 12 images / 4

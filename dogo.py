@@ -65,92 +65,106 @@ DATASETS = {
 }
 
 
-def _flag(default, help, choices=None, at_least=None, above=None):
-    """A Config field: its default, its documentation (the flag's help) and its valid values."""
-    return field(default=default, metadata=dict(help=help, choices=choices, at_least=at_least, above=above))
+def flag(default, help, choices=None, **bounds):
+    """A config field: its default, its documentation (the flag's help) and its valid values:
+    choices, or bounds among at_least, above, at_most, below."""
+    return field(default=default, metadata=dict(help=help, choices=choices, bounds=bounds))
 
 
 @dataclass
 class Config:
     # what to train
-    arch: str = _flag("resnet18", "the small network, the one DoGo is for", ARCHS)
-    peer: str = _flag("resnet50", "its peer, trained alongside; none: the arch alone, the baseline "
+    arch: str = flag("resnet18", "the small network, the one DoGo is for", ARCHS)
+    peer: str = flag("resnet50", "its peer, trained alongside; none: the arch alone, the baseline "
                                   "that DoGo is compared against", ARCHS + ("none",))
-    objective: str = _flag("simclr", "the arch's self-supervised task", OBJECTIVES)
-    peer_objective: str = _flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
+    objective: str = flag("simclr", "the arch's self-supervised task", OBJECTIVES)
+    peer_objective: str = flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
     # data
-    dataset: str = _flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
-    data_dir: str = _flag("./data", "where datasets are downloaded to, or the image folder "
+    dataset: str = flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
+    data_dir: str = flag("./data", "where datasets are downloaded to, or the image folder "
                                     "(with train/ and test/ or val/, one sub-folder per class)")
-    img_size: int = _flag(0, "training resolution; 0 = the dataset's own (32 for CIFAR and "
+    img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 for CIFAR and "
                              "synthetic, 96 for STL-10, 64 for imagefolder)", at_least=0)
-    synthetic_size: int = _flag(2000, "images in the synthetic training split (test: a quarter)",
+    synthetic_size: int = flag(2000, "images in the synthetic training split (test: a quarter)",
                                 at_least=10)
     # optimisation (the paper's published configuration)
-    epochs: int = _flag(200, "passes over the data; 200 is the usual budget of SSL studies on "
+    epochs: int = flag(200, "passes over the data; 200 is the usual budget of SSL studies on "
                              "CIFAR-sized data, and SSL keeps improving with longer schedules", at_least=1)
-    max_steps: int = _flag(0, "stop after this many training steps in total, counted across "
+    max_steps: int = flag(0, "stop after this many training steps in total, counted across "
                               "resumes; 0 = no cap (for quick runs)", at_least=0)
-    batch_size: int = _flag(256, "images per step, each giving 4 views; NT-Xent needs 2 or more",
+    batch_size: int = flag(256, "images per step, each giving 4 views; NT-Xent needs 2 or more",
                             at_least=2)
-    lr: float = _flag(3e-4, "Adam learning rate, for both networks", above=0)
-    weight_decay: float = _flag(1e-6, "Adam weight decay", at_least=0)
-    temperature: float = _flag(0.5, "NT-Xent temperature", above=0)
-    kd_temperature: float = _flag(0.1, "temperature of the similarity distributions in the KL term",
+    lr: float = flag(3e-4, "Adam learning rate, for both networks", above=0)
+    weight_decay: float = flag(1e-6, "Adam weight decay", at_least=0)
+    temperature: float = flag(0.5, "NT-Xent temperature", above=0)
+    kd_temperature: float = flag(0.1, "temperature of the similarity distributions in the KL term",
                                   above=0)
-    kd_weight: float = _flag(0.390625, "weight of the arch's KL term (KL averaged over rows); "
+    kd_weight: float = flag(0.390625, "weight of the arch's KL term (KL averaged over rows); "
                                        "0.390625 = 100/256, the authors' weight of 100 with their "
                                        "N*N reduction at batch 256", at_least=0)
-    peer_kd_weight: float = _flag(0.00390625, "weight of the peer's KL term; 0.00390625 = 1/256, "
+    peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 0.00390625 = 1/256, "
                                               "the authors' weight of 1 at batch 256", at_least=0)
-    proj_dim: int = _flag(128, "size of SimCLR's projection, which the losses see", at_least=1)
+    proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see", at_least=1)
     # running
-    workers: int = _flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
+    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
                          "cores, up to 8); 0 loads in the main process", at_least=0)
-    device: str = _flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
-    seed: int = _flag(0, "seed for initialisation, data order and augmentations")
-    out_dir: str = _flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
+    device: str = flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+    seed: int = flag(0, "seed for initialisation, data order and augmentations")
+    out_dir: str = flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
                              "or the checkpoint's folder with --resume")
-    resume: str = _flag("", "checkpoint.pt to continue from; flags given now override its config, "
+    resume: str = flag("", "checkpoint.pt to continue from; flags given now override its config, "
                             "except those that define the networks and data")
-    log_every: int = _flag(50, "steps between progress lines and rows of metrics.csv", at_least=1)
+    log_every: int = flag(50, "steps between progress lines and rows of metrics.csv", at_least=1)
 
 
 # A resumed run must rebuild exactly the same networks on the same data.
 FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 
 
-def parse_config(argv=None):
-    """Config from command-line flags, and the names of the flags actually given.
-
-    The flags are generated from Config: each flag's help is its field's documentation."""
+def parse_flags(config_class, argv=None, prog="dogo.py"):
+    """An instance of a config dataclass from command-line flags, and the names of the flags
+    actually given. The flags are generated from the fields: each flag's help is the field's
+    documentation."""
 
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line naming the problem, no usage dump
-            raise UsageError(f"{message} (see python dogo.py --help)")
+            raise UsageError(f"{message} (see python {prog} --help)")
 
     # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
-    parser = Parser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(Config):
-        choices = f" ({' | '.join(c or repr(c) for c in f.metadata['choices'])})" if f.metadata["choices"] else ""
+    parser = Parser(prog=prog, description=sys.modules[config_class.__module__].__doc__.split("\n")[0],
+                    argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(config_class):
+        choices = f.metadata["choices"]
+        choices = f" ({' | '.join(c or repr(c) for c in choices)})" if choices else ""
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
                             metavar=type(f.default).__name__.upper(),
                             help=f"{f.metadata['help']}{choices} (default: {f.default!r})")
     given = vars(parser.parse_args(argv))
-    return Config(**given), set(given)
+    return config_class(**given), set(given)
 
 
-def check_config(cfg):
-    """Refuse values that cannot work, naming the flag and what it takes (Config's metadata)."""
-    for f in dataclasses.fields(Config):
-        value, flag, rule = getattr(cfg, f.name), "--" + f.name.replace("_", "-"), f.metadata
-        if rule["choices"] and value not in rule["choices"]:
-            raise UsageError(f"{flag} {value!r} is unknown; choose one of "
-                             f"{', '.join(c or repr(c) for c in rule['choices'])}")
-        if rule["at_least"] is not None and not value >= rule["at_least"]:
-            raise UsageError(f"{flag} must be at least {rule['at_least']}, got {value}")
-        if rule["above"] is not None and not value > rule["above"]:
-            raise UsageError(f"{flag} must be above {rule['above']}, got {value}")
+BOUNDS = {"at_least": (float.__ge__, "at least"), "above": (float.__gt__, "above"),
+          "at_most": (float.__le__, "at most"), "below": (float.__lt__, "below")}
+
+
+def check_flags(cfg):
+    """Refuse values outside a config's choices and bounds, naming the flag and what it takes."""
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        choices = f.metadata["choices"]
+        if choices and value not in choices:
+            raise UsageError(f"{name} {value!r} is unknown; choose one of "
+                             f"{', '.join(c or repr(c) for c in choices)}")
+        for bound, limit in f.metadata["bounds"].items():
+            holds, words = BOUNDS[bound]
+            if not holds(float(value), float(limit)):
+                raise UsageError(f"{name} must be {words} {limit}, got {value}")
+
+
+def config_from_checkpoint(ckpt):
+    """The Config a checkpoint was trained with (fields unknown to this version are dropped)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
 
 
 def pick_device(name):
@@ -632,13 +646,12 @@ def resolve_config(cfg, given=frozenset()):
     """Check cfg and fill in what depends on other flags. With --resume, the checkpoint's config
     with the flags given now applied, except that those which define the networks and the data
     must agree with it. Returns (config, checkpoint or None)."""
-    check_config(cfg)
+    check_flags(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     ckpt = None
     if cfg.resume:
         ckpt = load_checkpoint(cfg.resume)
-        known = {f.name for f in dataclasses.fields(Config)}
-        saved = Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+        saved = config_from_checkpoint(ckpt)
         for name in FIXED_ON_RESUME:
             if name in given and getattr(cfg, name) != getattr(saved, name):
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the "
@@ -734,7 +747,7 @@ def train(cfg, given=frozenset()):
 
 def main(argv=None):
     try:
-        cfg, given = parse_config(argv)
+        cfg, given = parse_flags(Config, argv)
         train(cfg, given)
     except (UsageError, NonFiniteLoss) as err:
         print(f"dogo.py: error: {err}", file=sys.stderr)

@@ -1,8 +1,9 @@
-"""Tests for dogo.py. Run with: python -m pytest -q
+"""Tests for dogo.py and eval_linear.py. Run with: python -m pytest -q
 
-Two kinds: the vectorised math against slow, explicit loops, and the real script run as a
-subprocess on tiny settings (synthetic data, 16 px, a few steps)."""
+Two kinds: the vectorised math against slow, explicit loops, and the real scripts run as
+subprocesses on tiny settings (synthetic data, 8 or 16 px, a few steps)."""
 import csv
+import json
 import math
 import os
 import signal
@@ -10,20 +11,32 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import dogo
+import eval_linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--peer", "resnet18", "--img-size", "8",
         "--batch-size", "8", "--synthetic-size", "32", "--workers", "0", "--log-every", "1"]
 
 
-def run_dogo(*args, timeout=240):
-    return subprocess.run([sys.executable, os.path.join(HERE, "dogo.py"), *args], cwd=HERE,
+def run_script(script, *args, cwd=None, timeout=300):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, os.path.join(HERE, script), *args], cwd=cwd or HERE,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_dogo(*args):
+    return run_script("dogo.py", *args)
+
+
+def run_eval(*args, cwd=None):
+    return run_script("eval_linear.py", *args, cwd=cwd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -483,7 +496,6 @@ def test_mixed_pair_through_the_script_and_resume_keeps_the_objectives(tmp_path,
 
 
 def test_image_folder_trains_and_finds_its_test_split(tmp_path, capsys):
-    from PIL import Image
     rng = torch.Generator().manual_seed(0)
     for split, count in (("train", 6), ("val", 2)):
         for cls in ("cat", "dog"):
@@ -498,3 +510,326 @@ def test_image_folder_trains_and_finds_its_test_split(tmp_path, capsys):
                "resnet18", "--peer", "none", "--batch-size", "4", "--workers", "0", "--out-dir", out,
                "--epochs", "1"])
     assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 3  # 12 images / 4
+
+
+# ------------------------------------------------------------------------------------------------
+# eval_linear.py: label functions and classifiers against loops, the script on a tiny checkpoint
+# ------------------------------------------------------------------------------------------------
+_EVAL_CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                         "ship", "truck")
+
+
+def _eval_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _eval_without(line, keys):
+    return {k: v for k, v in line.items() if k not in keys}
+
+
+@pytest.fixture(scope="module")
+def _eval_checkpoint(tmp_path_factory):
+    """A DoGo checkpoint (resnet18 + resnet18 peer, one step at 16 px on synthetic data)."""
+    out = tmp_path_factory.mktemp("dogo_run")
+    result = run_dogo("--dataset", "synthetic", "--arch", "resnet18", "--peer", "resnet18", "--img-size",
+                      "16", "--batch-size", "8", "--synthetic-size", "32", "--max-steps", "1",
+                      "--workers", "0", "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr
+    return str(out / "checkpoint.pt")
+
+
+def _eval_own_copy(checkpoint, folder):
+    """The checkpoint under `folder`, so that caches and results written beside it stay there."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "checkpoint.pt")
+    try:
+        os.link(checkpoint, path)  # no copy of 270 MB
+    except OSError:
+        import shutil
+        shutil.copy(checkpoint, path)
+    return path
+
+
+def _eval_image_folder(root, classes, per_class):
+    """An ImageFolder dataset of 40 px PNGs: class k has stripes of period 4 + 4 k pixels."""
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for k, name in enumerate(classes):
+            os.makedirs(os.path.join(root, split, name))
+            for i in range(n):
+                stripes = (np.arange(40) // (2 + 2 * k)) % 2 * 200 + rng.integers(0, 50)
+                pixels = np.repeat(np.tile(stripes, (40, 1))[:, :, None], 3, axis=2).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.png"))
+    return str(root)
+
+
+# ------------------------------------------------------------------------------------------------
+# Label functions
+# ------------------------------------------------------------------------------------------------
+def test_eval_subsample_labels_exact_counts_per_class():
+    sizes = {0: 1, 1: 5, 2: 10, 3: 37, 4: 100, 6: 250}  # class 5 absent
+    labels = np.random.default_rng(0).permutation(np.concatenate([[c] * n for c, n in sizes.items()]))
+    for fraction in (0.01, 0.1, 0.25, 0.5, 1.0):
+        kept = eval_linear.subsample_labels(labels, fraction, seed=3)
+        assert list(kept) == sorted(set(kept.tolist())) and kept.min() >= 0 and kept.max() < len(labels)
+        for c, n in sizes.items():
+            count = sum(1 for i in kept if labels[i] == c)
+            assert count == max(1, round(fraction * n)), (fraction, c)
+    assert list(eval_linear.subsample_labels(labels, 1.0, seed=0)) == list(range(len(labels)))
+
+
+def test_eval_subsample_labels_is_seeded_and_takes_any_label_container():
+    labels = [i % 7 for i in range(700)]
+    a = eval_linear.subsample_labels(labels, 0.1, seed=1)
+    assert np.array_equal(a, eval_linear.subsample_labels(np.array(labels), 0.1, seed=1))
+    assert np.array_equal(a, eval_linear.subsample_labels(torch.tensor(labels), 0.1, seed=1))
+    assert not np.array_equal(a, eval_linear.subsample_labels(labels, 0.1, seed=2))
+    for bad in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError):
+            eval_linear.subsample_labels(labels, bad, seed=0)
+
+
+def test_eval_symmetric_noise_changes_exactly_round_rn_labels_never_to_the_same_class():
+    labels = torch.arange(2000) % 10
+    for rate in (0.0, 0.05, 0.33, 0.8):
+        noisy = eval_linear.corrupt_labels(labels, rate, 10, "symmetric", seed=4)
+        changed = [i for i in range(len(labels)) if noisy[i] != labels[i]]
+        assert len(changed) == round(rate * len(labels))
+        assert all(0 <= noisy[i] < 10 for i in changed)
+    assert torch.equal(labels, torch.arange(2000) % 10)  # the input is left alone
+    pairs = {(int(labels[i]), int(noisy[i])) for i in range(len(labels)) if noisy[i] != labels[i]}
+    assert pairs == {(a, b) for a in range(10) for b in range(10) if a != b}  # every wrong class
+    again = eval_linear.corrupt_labels(labels.tolist(), 0.8, 10, "symmetric", seed=4)
+    assert np.array_equal(noisy, again)
+    assert not np.array_equal(noisy, eval_linear.corrupt_labels(labels, 0.8, 10, "symmetric", seed=5))
+
+
+def test_eval_asymmetric_noise_follows_the_cifar10_pairs():
+    by_name = {_EVAL_CIFAR10_CLASSES[s]: _EVAL_CIFAR10_CLASSES[t]
+               for s, t in eval_linear.CIFAR10_ASYMMETRIC.items()}
+    assert by_name == {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog",
+                       "dog": "cat"}
+    labels = np.repeat(np.arange(10), [50, 60, 70, 80, 90, 100, 110, 120, 130, 140])
+    noisy = eval_linear.corrupt_labels(labels, 0.4, 10, eval_linear.CIFAR10_ASYMMETRIC, seed=0)
+    for c in range(10):
+        moved = noisy[labels == c][noisy[labels == c] != c]
+        if c in eval_linear.CIFAR10_ASYMMETRIC:
+            assert len(moved) == round(0.4 * (labels == c).sum())
+            assert set(moved) == {eval_linear.CIFAR10_ASYMMETRIC[c]}  # a cat made a dog stays a dog
+        else:
+            assert len(moved) == 0
+
+
+def test_eval_asymmetric_noise_elsewhere_moves_class_c_to_c_plus_1():
+    labels = np.repeat(np.arange(5), 40)
+    noisy = eval_linear.corrupt_labels(labels, 0.25, 5, "asymmetric", seed=7)
+    for i in range(len(labels)):
+        assert noisy[i] in (labels[i], (labels[i] + 1) % 5)
+    for c in range(5):
+        assert (noisy[labels == c] != c).sum() == 10
+    for rate, classes, kind in ((1.0, 5, "symmetric"), (-0.1, 5, "symmetric"), (0.2, 1, "symmetric"),
+                                (0.2, 5, "sideways"), (0.2, 5, {0: 0})):
+        with pytest.raises(ValueError):
+            eval_linear.corrupt_labels(labels % classes, rate, classes, kind, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Classifiers against loops
+# ------------------------------------------------------------------------------------------------
+def test_eval_knn_matches_a_loop():
+    g = torch.Generator().manual_seed(0)
+    train, test = torch.randn(60, 8, generator=g), torch.randn(15, 8, generator=g)
+    labels = torch.randint(0, 4, (60,), generator=g)
+    for k in (1, 10, 200):  # 200 > 60: capped at the training-set size
+        expected = torch.zeros(15, 4)
+        for i in range(15):
+            sims = [float(torch.dot(test[i], train[j]) / (test[i].norm() * train[j].norm()))
+                    for j in range(60)]
+            for j in sorted(range(60), key=lambda j: -sims[j])[:k]:
+                expected[i, labels[j]] += np.exp(sims[j] / 0.1)
+        scores = eval_linear.knn_scores(train, labels, test, 4, k=k, temperature=0.1)
+        assert torch.allclose(scores, expected, rtol=1e-4)
+        top1 = 100.0 * sum(int(expected[i].argmax() == labels[i]) for i in range(15)) / 15
+        assert eval_linear.knn_accuracy(train, labels, test, labels[:15], 4, k=k) == pytest.approx(top1)
+
+
+def test_eval_topk_accuracy_matches_a_loop():
+    g = torch.Generator().manual_seed(1)
+    scores, labels = torch.randn(200, 25, generator=g), torch.randint(0, 25, (200,), generator=g)
+    for k in (1, 5):
+        hits = sum(int(labels[i]) in sorted(range(25), key=lambda c: -scores[i, c])[:k] for i in range(200))
+        assert eval_linear.topk_accuracy(scores, labels, k) == pytest.approx(100.0 * hits / 200)
+
+
+def test_eval_linear_accuracy_separates_blobs_and_standardises_with_training_statistics():
+    g = torch.Generator().manual_seed(2)
+    centres = torch.randn(3, 16, generator=g) * 4
+
+    def blobs(n):
+        y = torch.arange(n) % 3
+        return 1000 + 50 * (centres[y] + torch.randn(n, 16, generator=g)), y  # far from 0, wide
+
+    (x, y), (x_test, y_test) = blobs(300), blobs(90)
+    result = eval_linear.linear_accuracy(x, y, x_test, y_test, 3, epochs=10, seed=0, batch_size=32)
+    assert result["top1"] >= 95 and result["top5"] is None
+    assert result["train_images"] + result["val_images"] == 300 and 1 <= result["best_epoch"] <= 10
+    assert result == eval_linear.linear_accuracy(x, y, x_test, y_test, 3, epochs=10, seed=0, batch_size=32)
+    fit, other = eval_linear.standardise(x[:200], x[200:])
+    assert torch.allclose(fit.mean(0), torch.zeros(16), atol=1e-3)
+    assert torch.allclose(fit.std(0), torch.ones(16), atol=1e-3)
+    assert torch.allclose(other, (x[200:] - x[:200].mean(0)) / x[:200].std(0), atol=1e-3)
+
+
+def test_eval_extraction_leaves_batchnorm_alone_and_the_check_catches_a_change():
+    torch.manual_seed(0)
+    encoder = dogo.SSLNet("resnet18", 16).encoder
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    images = [(torch.rand(3, 16, 16), i % 2) for i in range(6)]
+    features, labels = eval_linear.extract_features(encoder, images, torch.device("cpu"), batch_size=4)
+    assert features.shape == (6, 512) and features.dtype == torch.float32
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]
+    eval_linear.check_unchanged(encoder, before)
+    encoder.train()
+    encoder(torch.rand(4, 3, 16, 16))  # a training-mode forward moves the running statistics
+    with pytest.raises(RuntimeError, match="running_mean"):
+        eval_linear.check_unchanged(encoder, before)
+
+
+# ------------------------------------------------------------------------------------------------
+# The script
+# ------------------------------------------------------------------------------------------------
+def test_eval_linear_beats_chance_leaves_the_encoder_alone_and_caches(_eval_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
+    encoders = []
+
+    def load_and_keep(cfg):
+        encoder, info = load_encoder(cfg)
+        encoders.append(encoder)
+        return encoder, info
+
+    load_encoder = eval_linear.load_encoder
+    monkeypatch.setattr(eval_linear, "load_encoder", load_and_keep)
+    flags = ["--checkpoint", checkpoint, "--synthetic-size", "600", "--epochs", "30",
+             "--workers", "0"]
+    first = eval_linear.main(flags)
+    assert first["top1"] >= 18, first  # chance is 10%: 18% of 150 test images has p < 1e-3
+    assert (first["train_images"], first["val_images"], first["test_images"]) == (510, 90, 150)
+    assert first["features_cached"] is False and first["dataset"] == "synthetic"
+    saved = torch.load(checkpoint, weights_only=True)["student"]
+    after = encoders[0].state_dict()
+    assert all(torch.equal(after[k], saved["encoder." + k]) for k in after)  # BN statistics too
+
+    second = run_eval(*flags)  # the same evaluation again, as a user would run it
+    assert second.returncode == 0, second.stderr
+    assert "features: reusing" in second.stdout and "features: 600/600" not in second.stdout
+    lines = _eval_lines(tmp_path / "run" / "results.jsonl")
+    assert len(lines) == 2 and lines[1]["features_cached"] is True
+    timing = ("date", "feature_seconds", "train_seconds", "features_cached")
+    assert _eval_without(lines[1], timing) == _eval_without(lines[0], timing)  # same numbers
+
+    extract, calls = eval_linear.extract_features, []
+
+    def counting_extract(*args, **kwargs):
+        calls.append(1)
+        return extract(*args, **kwargs)
+
+    monkeypatch.setattr(eval_linear, "extract_features", counting_extract)
+    other_data = flags[:3] + ["80"] + flags[4:]  # --synthetic-size 80: the cache no longer fits
+    eval_linear.main(other_data)
+    assert len(calls) == 2  # train and test split
+    stat = os.stat(checkpoint)
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # as a resumed run would
+    eval_linear.main(other_data)
+    assert len(calls) == 4
+
+
+def test_eval_finetune_with_few_and_noisy_labels(_eval_checkpoint, tmp_path):
+    checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
+    before = os.stat(checkpoint).st_mtime_ns
+    run = run_eval("--checkpoint", checkpoint, "--protocol", "finetune", "--synthetic-size", "120",
+                       "--label-fraction", "0.25", "--val-fraction", "0.34", "--label-noise", "0.2",
+                       "--epochs", "1", "--batch-size", "32", "--workers", "0")
+    assert run.returncode == 0, run.stderr
+    assert "finetune epoch 1/1" in run.stdout and "test top-1" in run.stdout
+    [line] = _eval_lines(tmp_path / "run" / "results.jsonl")
+    # 120 images, 12 per class; 0.25 keeps 3 per class; 0.2 noise changes round(0.2 * 30) labels
+    assert line["train_images"] + line["val_images"] == 30 and line["val_images"] >= 5
+    assert line["labels_changed"] == 6 and line["test_images"] == 30
+    assert (line["protocol"], line["label_noise"], line["noise_type"], line["epochs"]) == (
+        "finetune", 0.2, "symmetric", 1)
+    assert line["best_epoch"] == 1 and 0 <= line["top1"] <= 100
+    assert os.stat(checkpoint).st_mtime_ns == before
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "results.jsonl"]  # no cache
+
+
+def test_eval_knn_of_a_random_encoder(tmp_path):
+    run = run_eval("--checkpoint", "random", "--arch", "resnet18", "--img-size", "16",
+                       "--dataset", "synthetic", "--synthetic-size", "120", "--label-fraction", "0.5",
+                       "--protocol", "knn", "--workers", "0", "--results", "out/r.jsonl", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    [line] = _eval_lines(tmp_path / "out" / "r.jsonl")
+    assert (line["checkpoint"], line["trained_on"], line["step"], line["arch"]) == (
+        "random", None, 0, "resnet18")
+    assert (line["train_images"], line["val_images"], line["test_images"]) == (60, 0, 30)
+    assert line["epochs"] is None and line["best_epoch"] is None and 0 <= line["top1"] <= 100
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # an untrained encoder's features are not kept
+
+
+def test_eval_out_of_distribution_resizes_to_the_training_size(_eval_checkpoint, tmp_path,
+                                                              monkeypatch):
+    data = _eval_image_folder(tmp_path / "folder", ("wide", "narrow"), {"train": 6, "test": 3})
+    checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
+    shapes, load_encoder = [], eval_linear.load_encoder
+
+    def load_and_watch(cfg):
+        encoder, info = load_encoder(cfg)
+        encoder.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+        return encoder, info
+
+    monkeypatch.setattr(eval_linear, "load_encoder", load_and_watch)
+    line = eval_linear.main(["--checkpoint", checkpoint, "--dataset", "imagefolder", "--data-dir", data,
+                             "--protocol", "knn", "--workers", "0"])
+    assert (line["dataset"], line["trained_on"], line["train_images"], line["test_images"]) == (
+        "imagefolder", "synthetic", 12, 6)
+    assert shapes and all(s[1:] == (3, 16, 16) for s in shapes)  # 40 px images, seen at 16 px
+    assert os.path.exists(tmp_path / "run" / "checkpoint.student.imagefolder.features.pt")
+
+
+def _eval_bad_inputs(checkpoint, tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    solo = tmp_path / "solo.pt"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    torch.save({"config": {**ckpt["config"], "peer": "none"}, "step": ckpt["step"],
+                "student": ckpt["student"], "peer": None}, solo)
+    one_class = _eval_image_folder(tmp_path / "one", ("only",), {"train": 3, "test": 2})
+    random = ["--checkpoint", "random", "--img-size", "16"]
+    return [
+        (["--dataset", "synthetic"], "--checkpoint is missing"),
+        (["--checkpoint", str(tmp_path / "nowhere.pt")], "no such file"),
+        (["--checkpoint", str(garbage)], "cannot be read as a checkpoint"),
+        (["--checkpoint", str(solo), "--network", "peer"], "trained alone"),
+        (random + ["--label-fraction", "0"], "--label-fraction must be above 0"),
+        (random + ["--label-fraction", "1.5"], "--label-fraction must be at most 1"),
+        (random + ["--label-noise", "1"], "--label-noise must be below 1"),
+        (random + ["--label-noise", "-0.1"], "--label-noise must be at least 0"),
+        (random + ["--dataset", "imagefolder", "--data-dir", one_class, "--label-noise", "0.2",
+                   "--noise-type", "asymmetric"], "--label-noise needs two classes or more"),
+        (random + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "empty")],
+         "cannot load imagefolder"),
+        (random + ["--protocol", "best"], "choose one of linear, knn, finetune"),
+        (["--checkpoint", checkpoint, "--arch", "resnet50"], "differs from the checkpoint's"),
+    ]
+
+
+def test_eval_bad_inputs_end_with_one_line_and_exit_code_2(_eval_checkpoint, tmp_path, capsys):
+    for argv, expected in _eval_bad_inputs(_eval_checkpoint, tmp_path):
+        with pytest.raises(SystemExit) as stop:
+            eval_linear.main(argv + ["--workers", "0", "--results", str(tmp_path / "r.jsonl")])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2, argv
+        assert err.startswith("eval_linear.py: error: ") and err.count("\n") == 1, err
+        assert expected in err, (argv, err)
+    assert not os.path.exists(tmp_path / "r.jsonl")  # nothing half-done is recorded

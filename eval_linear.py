@@ -1,0 +1,612 @@
+"""Evaluate the encoder of a dogo.py checkpoint with the protocols of the DoGo paper.
+
+A linear classifier on frozen features, weighted k-nearest neighbours, or fine-tuning; with all,
+few (--label-fraction) or noisy (--label-noise) labels; on the data it was trained on or out of
+distribution (--dataset).
+
+Usage:
+    python eval_linear.py --checkpoint runs/cifar10_resnet18_resnet50/checkpoint.pt    # linear
+    python eval_linear.py --checkpoint runs/cifar10_resnet18_resnet50/checkpoint.pt --network peer
+    python eval_linear.py --checkpoint CKPT --protocol knn                # no training at all
+    python eval_linear.py --checkpoint CKPT --protocol finetune --label-fraction 0.01
+    python eval_linear.py --checkpoint CKPT --protocol finetune --label-noise 0.4
+    python eval_linear.py --checkpoint CKPT --dataset stl10               # out of distribution
+    python eval_linear.py --checkpoint random --arch resnet18             # the untrained floor
+
+Every run prints a summary and appends one JSON line to --results (default: results.jsonl beside
+the checkpoint). Frozen-encoder features are cached beside the checkpoint, so that a second linear
+or kNN evaluation of the same network on the same data skips the encoder entirely.
+File layout: config, labels (few and noisy), encoder, features, the three protocols, main.
+"""
+import contextlib
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+import dogo
+from dogo import UsageError
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class EvalConfig:
+    # what to evaluate
+    checkpoint: str = dogo.flag("", "checkpoint.pt written by dogo.py, or 'random': an untrained "
+                                    "encoder, the floor that every self-supervised result must beat")
+    network: str = dogo.flag("student", "the checkpoint's --arch network, or its peer", ("student", "peer"))
+    arch: str = dogo.flag("", "architecture for --checkpoint random ('' = resnet18); a checkpoint "
+                              "names its own", ("",) + dogo.ARCHS)
+    img_size: int = dogo.flag(0, "input size for --checkpoint random (0 = the dataset's own); a "
+                                 "checkpoint's encoder always sees the size it was trained at", at_least=0)
+    # data
+    dataset: str = dogo.flag("", "'' = the checkpoint's (cifar10 for random); any other is an "
+                                 "out-of-distribution evaluation", ("",) + tuple(dogo.DATASETS))
+    data_dir: str = dogo.flag("", "'' = the checkpoint's --data-dir (./data for random); for "
+                                  "imagefolder, a folder with train/ and test/ or val/")
+    synthetic_size: int = dogo.flag(2000, "images in the synthetic training split (test: a quarter)",
+                                    at_least=10)
+    # protocol
+    protocol: str = dogo.flag("linear", "linear: a linear classifier on frozen features; knn: "
+                                        "weighted k-nearest neighbours on frozen features; finetune: "
+                                        "encoder and a new head trained together",
+                              ("linear", "knn", "finetune"))
+    label_fraction: float = dogo.flag(1.0, "share of the labelled training images kept, stratified "
+                                           "by class (the paper: 0.01 and 0.1)", above=0, at_most=1)
+    label_noise: float = dogo.flag(0.0, "share of the kept training labels changed to a wrong class",
+                                   at_least=0, below=1)
+    noise_type: str = dogo.flag("symmetric", "symmetric: to any other class; asymmetric: to a similar "
+                                             "one (CIFAR-10's standard pairs, class c -> c+1 elsewhere)",
+                                ("symmetric", "asymmetric"))
+    val_fraction: float = dogo.flag(0.15, "share of the kept training images held out to choose the "
+                                          "epoch (linear, finetune); 0.15 as in the authors' code",
+                                    at_least=0, below=1)
+    # optimisation
+    epochs: int = dogo.flag(100, "epochs of training the classifier (linear) or the whole network "
+                                 "(finetune); knn trains nothing", at_least=1)
+    batch_size: int = dogo.flag(256, "images (or feature vectors) per step", at_least=1)
+    lr: float = dogo.flag(0.0, "Adam learning rate; 0 = 1e-3 for linear, 3e-4 for finetune", at_least=0)
+    # running
+    workers: int = dogo.flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
+                             "cores, up to 8); 0 loads in the main process", at_least=0)
+    device: str = dogo.flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+    seed: int = dogo.flag(0, "seed for the label subset, the noise, the validation split and training")
+    results: str = dogo.flag("", "JSON-lines file that each run appends to; '' = results.jsonl "
+                                 "beside the checkpoint (in the current folder for random)")
+
+
+DEFAULT_LR = {"linear": 1e-3, "finetune": 3e-4}
+
+
+def check_args(cfg):
+    """Refuse values that cannot work: the flags' own choices and bounds, and their combinations."""
+    dogo.check_flags(cfg)
+    if not cfg.checkpoint:
+        raise UsageError("--checkpoint is missing; give a checkpoint.pt that dogo.py wrote, or random")
+    if cfg.checkpoint == "random" and cfg.network == "peer":
+        raise UsageError("--network peer needs a checkpoint with a peer; --checkpoint random is a "
+                         "single encoder")
+    if cfg.protocol == "finetune" and cfg.batch_size < 2:  # BatchNorm trains on 2 images or more
+        raise UsageError(f"--batch-size must be at least 2 to fine-tune, got {cfg.batch_size}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Labels: few and noisy (pure functions of a list, NumPy array or tensor of class indices)
+# ------------------------------------------------------------------------------------------------
+# Standard asymmetric noise on CIFAR-10 (Patrini et al. 2017): each class is confused with a
+# similar-looking one. truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog.
+CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
+
+
+def _as_numpy(labels):
+    if isinstance(labels, torch.Tensor):
+        labels = labels.cpu().numpy()
+    return np.asarray(labels, dtype=np.int64).reshape(-1)
+
+
+def subsample_labels(labels, fraction, seed):
+    """Indices of a class-stratified, seeded subset: round(fraction * n_c) of the n_c images of
+    each class c, and at least one, so that no class disappears. Returns sorted int64 indices
+    (NumPy); the same labels, fraction and seed always give the same subset."""
+    labels = _as_numpy(labels)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    rng = np.random.default_rng(seed)
+    kept = [rng.choice(members, size=max(1, round(fraction * len(members))), replace=False)
+            for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.sort(np.concatenate(kept)) if kept else np.zeros(0, dtype=np.int64)
+
+
+def corrupt_labels(labels, rate, num_classes, kind, seed):
+    """A noisy copy of `labels` (an int64 NumPy array; the input is left alone), seeded.
+
+    kind 'symmetric': exactly round(rate * N) labels, chosen uniformly, each move to one of the
+    other num_classes - 1 classes, drawn uniformly. kind 'asymmetric': in every class c, exactly
+    round(rate * n_c) labels move to class (c + 1) mod num_classes. kind may also be a dict
+    {class: class}, such as CIFAR10_ASYMMETRIC: the same per-class rule for the classes it maps,
+    the other classes are left clean."""
+    labels = _as_numpy(labels)
+    if not 0 <= rate < 1:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    if num_classes < 2 or (len(labels) and not 0 <= labels.min() <= labels.max() < num_classes):
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, with at least two classes")
+    rng = np.random.default_rng(seed)
+    noisy = labels.copy()
+    if kind == "symmetric":
+        chosen = rng.choice(len(labels), size=round(rate * len(labels)), replace=False)
+        # An offset of 1..C-1 reaches every other class with equal chance, never the old one.
+        noisy[chosen] = (labels[chosen] + rng.integers(1, num_classes, len(chosen))) % num_classes
+        return noisy
+    mapping = {c: (c + 1) % num_classes for c in range(num_classes)} if kind == "asymmetric" else kind
+    if not isinstance(mapping, dict) or any(s == t or not 0 <= t < num_classes for s, t in mapping.items()):
+        raise ValueError(f"kind must be 'symmetric', 'asymmetric' or a map to other classes, got {kind!r}")
+    for source, target in sorted(mapping.items()):
+        members = np.flatnonzero(labels == source)  # clean labels: a cat made a dog stays a dog
+        noisy[rng.choice(members, size=round(rate * len(members)), replace=False)] = target
+    return noisy
+
+
+def split_validation(labels, fraction, seed):
+    """Positions (fit, validation) in `labels`: a class-stratified, seeded share held out for
+    choosing the epoch. Every class keeps at least one image to fit on."""
+    fit = subsample_labels(labels, 1 - fraction, seed)
+    return fit, np.setdiff1d(np.arange(len(_as_numpy(labels))), fit)
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoder
+# ------------------------------------------------------------------------------------------------
+def load_encoder(cfg):
+    """The encoder f to evaluate (the checkpoint's --network, or an untrained one, seeded, for
+    'random') and what it is: {arch, feature_dim, img_size, trained_on, step, data_dir}."""
+    if cfg.checkpoint == "random":
+        torch.manual_seed(cfg.seed)
+        arch, dataset = cfg.arch or "resnet18", cfg.dataset or "cifar10"
+        img_size = cfg.img_size or dogo.DATASETS[dataset].img_size
+        net = dogo.SSLNet(arch, img_size)
+        return net.encoder, dict(arch=arch, feature_dim=net.feature_dim, img_size=img_size,
+                                 trained_on=None, step=0, data_dir="./data")
+    ckpt = dogo.load_checkpoint(cfg.checkpoint, flag="--checkpoint")
+    trained = dogo.config_from_checkpoint(ckpt)
+    if cfg.network == "peer" and ckpt["peer"] is None:
+        raise UsageError(f"--network peer: {cfg.checkpoint} was trained alone (--peer none) and has "
+                         f"no peer; use --network student")
+    student, peer = dogo.build_networks(trained)
+    net = student if cfg.network == "student" else peer
+    try:
+        net.load_state_dict(ckpt[cfg.network])
+    except (RuntimeError, TypeError, AttributeError):  # other shapes, or not weights at all
+        raise UsageError(f"--checkpoint {cfg.checkpoint}: its {cfg.network} weights do not fit a "
+                         f"{net.arch}; give a checkpoint.pt that dogo.py wrote") from None
+    for flag, given, own in (("--arch", cfg.arch, net.arch), ("--img-size", cfg.img_size, trained.img_size)):
+        if given and given != own:
+            raise UsageError(f"{flag} {given} differs from the checkpoint's {own}; drop {flag}, "
+                             f"which is for --checkpoint random")
+    info = dict(arch=net.arch, feature_dim=net.feature_dim, img_size=trained.img_size,
+                trained_on=trained.dataset, step=ckpt["step"], data_dir=trained.data_dir)
+    return net.encoder, info
+
+
+def check_unchanged(module, before):
+    """Raise if any tensor of module's state (weights and BatchNorm statistics) differs from
+    `before`, a snapshot taken with {k: v.clone() for k, v in module.state_dict().items()}."""
+    changed = [k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), before[k].cpu())]
+    if changed:
+        raise RuntimeError(f"the frozen encoder changed during evaluation: {', '.join(changed[:5])}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and features
+# ------------------------------------------------------------------------------------------------
+class LabelledImages(Dataset):
+    """The images of `base` at `indices`, through `transform`, labelled with `labels` (which
+    may be a noisy version of the base's own)."""
+
+    def __init__(self, base, indices, labels, transform):
+        self.base, self.indices, self.labels, self.transform = base, indices, labels, transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        img, _ = self.base[int(self.indices[i])]
+        return self.transform(img), int(self.labels[i])
+
+    @classmethod
+    def whole(cls, base, transform):
+        """Every image of `base`, with its own label."""
+        return cls(base, range(len(base)), dataset_labels(base), transform)
+
+
+def dataset_labels(base):
+    """All labels of a dataset as an int64 array, without decoding an image where it can."""
+    for name in ("targets", "labels"):  # CIFAR, ImageFolder and synthetic; STL-10
+        if hasattr(base, name):
+            return np.asarray(getattr(base, name), dtype=np.int64)
+    return np.array([label for _, label in base], dtype=np.int64)
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, device, batch_size=256, workers=0):
+    """Encoder features of every item of a dataset of (image tensor, label), in order: a float32
+    (N, feature_dim) tensor and an int64 (N,) tensor, both on the CPU. Eval mode: BatchNorm
+    normalises with its running statistics and leaves them as they are."""
+    encoder.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    features, labels, done, start = [], [], 0, time.time()
+    shown = start
+    for x, y in loader:
+        features.append(encoder(x.to(device, non_blocking=True)).float().cpu())  # (B, feature_dim)
+        labels.append(y.long())
+        done += len(y)
+        if time.time() - shown > 10 or done == len(dataset):  # a line every 10 s, and at the end
+            shown = time.time()
+            print(f"features: {done}/{len(dataset)} images, {done / (shown - start):.0f} img/s",
+                  flush=True)
+    return torch.cat(features), torch.cat(labels)
+
+
+def cached_features(encoder, splits, cfg, info, device):
+    """{split: (features, labels)} of the train and test splits, extracted once and kept beside
+    the checkpoint; reused while the checkpoint file, the network and the data stay the same.
+    Returns them and whether they came from that cache."""
+    path = key = None
+    if cfg.checkpoint != "random":  # an untrained encoder is not worth keeping
+        stat = os.stat(cfg.checkpoint)
+        path = f"{os.path.splitext(cfg.checkpoint)[0]}.{cfg.network}.{info['dataset']}.features.pt"
+        synthetic = info["dataset"] == "synthetic"  # made in memory: its size is all its data
+        key = dict(checkpoint=os.path.abspath(cfg.checkpoint), modified_ns=stat.st_mtime_ns,
+                   bytes=stat.st_size, step=info["step"], network=cfg.network,
+                   dataset=info["dataset"], img_size=info["img_size"],
+                   data=cfg.synthetic_size if synthetic else os.path.abspath(info["data_dir"]))
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # none yet, or unreadable (an interrupted copy, say): extract again
+            saved = None
+        if isinstance(saved, dict) and saved.get("key") == key:
+            print(f"features: reusing {path}")
+            return saved["features"], True
+    # The encoder sees images at the size it was trained at, normalised with the statistics of
+    # the data it is evaluated on: out of distribution, those are not its training data's.
+    transform = dogo.eval_transform(info["img_size"], info["dataset"])
+    features = {}
+    for name, data in splits.items():
+        print(f"features of the {name} split ({len(data)} images)", flush=True)
+        features[name] = extract_features(encoder, LabelledImages.whole(data, transform), device,
+                                          cfg.batch_size, cfg.workers)
+    if path:
+        try:  # temporary file, then rename: a crash never leaves half a cache behind
+            torch.save({"key": key, "features": features}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        except OSError as err:
+            print(f"note: cannot keep the features in {path} ({err.strerror}); they are not cached")
+    return features, False
+
+
+# ------------------------------------------------------------------------------------------------
+# Protocols
+# ------------------------------------------------------------------------------------------------
+def topk_accuracy(scores, labels, k):
+    """Percentage of rows of scores (N, C) whose true label is among their k highest scores."""
+    top = scores.topk(k, dim=1).indices                                 # (N, k)
+    return 100.0 * (top == labels[:, None]).any(dim=1).sum().item() / len(labels)
+
+
+def accuracies(scores, labels, num_classes):
+    """{'top1', 'top5'} in percent; top-5 only with 20 classes or more, where it says something."""
+    return {"top1": topk_accuracy(scores, labels, 1),
+            "top5": topk_accuracy(scores, labels, 5) if num_classes >= 20 else None}
+
+
+class BestEpoch:
+    """Keeps a copy of the weights of the epoch with the best validation accuracy; with no
+    validation set, those of the last epoch. A tie goes to the later epoch: small validation
+    sets tie often, and the later weights have fitted the training set better."""
+    epoch, accuracy, state = 0, None, None
+
+    def update(self, epoch, accuracy, module):
+        if accuracy is None or self.accuracy is None or accuracy >= self.accuracy:
+            self.epoch, self.accuracy = epoch, accuracy
+            self.state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+    def restore(self, module):
+        module.load_state_dict(self.state)
+
+
+def standardise(x_fit, *others):
+    """Every feature to zero mean and unit variance, with the statistics of x_fit alone. Raw
+    feature scales differ by orders of magnitude between encoders (a random one included), and
+    standardised inputs let one learning rate serve them all."""
+    mean, std = x_fit.mean(dim=0), x_fit.std(dim=0).clamp_min(1e-6)
+    return [(x - mean) / std for x in (x_fit, *others)]
+
+
+@contextlib.contextmanager
+def one_thread_on_cpu(device):
+    """Run the block on one CPU thread. A linear classifier's products are too small to gain from
+    more, and on a busy machine each one waits for the slowest thread: 20 epochs on 8,500 features
+    of 512 took 15 s with two threads on two busy cores, 0.9 s with one."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_linear(x_fit, y_fit, x_val, y_val, num_classes, epochs, lr, seed, batch_size):
+    """A linear classifier on fixed feature vectors (N, D), trained with Adam and cross-entropy.
+    Returns it at its best epoch, chosen on (x_val, y_val), and that BestEpoch."""
+    torch.manual_seed(seed)
+    classifier = nn.Linear(x_fit.shape[1], num_classes).to(x_fit.device)
+    # Only the classifier's weight and bias train: the features are plain tensors, with no
+    # graph that leads back to the encoder.
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
+    order, best = torch.Generator().manual_seed(seed), BestEpoch()
+    for epoch in range(1, epochs + 1):
+        losses = []
+        for batch in torch.randperm(len(y_fit), generator=order).split(batch_size):
+            loss = F.cross_entropy(classifier(x_fit[batch]), y_fit[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        with torch.no_grad():
+            val = topk_accuracy(classifier(x_val), y_val, 1) if len(y_val) else None
+        best.update(epoch, val, classifier)
+        if epoch % max(1, epochs // 10) == 0 or epoch == epochs:
+            print(f"linear epoch {epoch}/{epochs} | loss {np.mean(losses):.4f}"
+                  + (f" | validation top-1 {val:.2f}%" if val is not None else ""), flush=True)
+    best.restore(classifier)
+    return classifier, best
+
+
+def linear_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
+                    epochs=100, lr=1e-3, seed=0, batch_size=256, val_fraction=0.15):
+    """Linear evaluation on given features (N, D): standardise them, hold out a seeded,
+    class-stratified validation share of the training set, train a linear classifier and test it
+    at the epoch that validates best. Returns {top1, top5, best_epoch, val_top1, train_images,
+    val_images}, accuracies in percent."""
+    device = train_features.device
+    y_train = torch.as_tensor(_as_numpy(train_labels), device=device)
+    y_test = torch.as_tensor(_as_numpy(test_labels), device=device)
+    fit, val = split_validation(y_train, val_fraction, seed)
+    x_fit, x_val, x_test = standardise(train_features[fit], train_features[val], test_features)
+    with one_thread_on_cpu(device):
+        classifier, best = train_linear(x_fit, y_train[fit], x_val, y_train[val], num_classes,
+                                        epochs, lr, seed, batch_size)
+    with torch.no_grad():
+        scores = classifier(x_test)
+    return {**accuracies(scores, y_test, num_classes), "best_epoch": best.epoch,
+            "val_top1": best.accuracy, "train_images": len(fit), "val_images": len(val)}
+
+
+@torch.no_grad()
+def knn_scores(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1):
+    r"""Weighted k-nearest-neighbour class scores, the classifier of Wu et al. (2018, instance
+    discrimination) that many SSL papers report.
+
+    .. math::
+        \mathrm{score}_c(x) = \sum_{i \in \mathcal{N}_k(x)} [y_i = c] \, \exp(\cos(x, x_i) / t)
+
+    N_k(x): the k training features most cosine-similar to x; k is capped by the training-set
+    size. Returns (N_test, num_classes); the prediction is the arg-max."""
+    k = min(k, len(train_labels))
+    train = F.normalize(train_features, dim=1)                          # (N_train, D)
+    labels = torch.as_tensor(_as_numpy(train_labels), device=train.device)
+    scores = []
+    for test in F.normalize(test_features, dim=1).split(256):          # (B, D): memory B * N_train
+        similarity, neighbours = (test @ train.T).topk(k, dim=1)        # (B, k)
+        votes = torch.zeros(len(test), num_classes, device=test.device)
+        scores.append(votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp()))
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200,
+                 temperature=0.1):
+    """Top-1 accuracy (percent) of the weighted kNN classifier of knn_scores."""
+    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature)
+    return topk_accuracy(scores, torch.as_tensor(_as_numpy(test_labels), device=scores.device), 1)
+
+
+@torch.no_grad()
+def predict(model, images, cfg, device):
+    """(scores, labels) of a network over a dataset of (image, label), in eval mode."""
+    model.eval()
+    scores, labels = [], []
+    for x, y in DataLoader(images, batch_size=cfg.batch_size, num_workers=cfg.workers):
+        scores.append(model(x.to(device)).float())
+        labels.append(y.to(device))
+    return torch.cat(scores), torch.cat(labels)
+
+
+def finetune(encoder, feature_dim, fit_set, val_set, num_classes, cfg, lr, device):
+    """The encoder and a new linear head trained together on labelled images, with Adam and a
+    cosine learning-rate schedule. Returns the network at its best validation epoch, and that
+    BestEpoch."""
+    torch.manual_seed(cfg.seed)
+    model = nn.Sequential(encoder, nn.Linear(feature_dim, num_classes)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    # A batch of one image would stop BatchNorm, so a short last batch is dropped when the set
+    # is larger than a batch (each epoch drops different images).
+    loader = DataLoader(fit_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                        drop_last=len(fit_set) > cfg.batch_size,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    # The schedule is stepped every batch, so its period counts batches, not epochs.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(loader))
+    best = BestEpoch()
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        start, losses, seen = time.time(), [], 0
+        for x, y in loader:
+            loss = F.cross_entropy(model(x.to(device)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+            seen += len(y)
+        speed = seen / (time.time() - start)
+        val = topk_accuracy(*predict(model, val_set, cfg, device), 1) if len(val_set) else None
+        best.update(epoch, val, model)
+        print(f"finetune epoch {epoch}/{cfg.epochs} | loss {np.mean(losses):.4f}"
+              + (f" | validation top-1 {val:.2f}%" if val is not None else "")
+              + f" | {speed:.0f} img/s", flush=True)
+    best.restore(model)
+    return model, best
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+def results_path(cfg):
+    """The --results file, checked to be writable before the long computation starts."""
+    folder = os.path.dirname(cfg.checkpoint) if cfg.checkpoint != "random" else ""
+    path = cfg.results or os.path.join(folder, "results.jsonl")
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"--results {path}: cannot make its folder ({err.strerror})") from None
+    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
+        raise UsageError(f"--results {path}: not writable; give another file")
+    return path
+
+
+def training_labels(labels, num_classes, dataset, cfg):
+    """The labelled training set that --label-fraction and --label-noise leave: (indices of the
+    kept images, their labels, how many of those are wrong). Test labels stay clean."""
+    if cfg.label_noise > 0 and num_classes < 2:
+        raise UsageError(f"--label-noise needs two classes or more to make a label wrong; "
+                         f"{dataset} has {num_classes}")
+    kept = subsample_labels(labels, cfg.label_fraction, cfg.seed)
+    if cfg.label_noise == 0:
+        return kept, labels[kept], 0
+    cifar10_pairs = cfg.noise_type == "asymmetric" and dataset == "cifar10"
+    kind = CIFAR10_ASYMMETRIC if cifar10_pairs else cfg.noise_type
+    noisy = corrupt_labels(labels[kept], cfg.label_noise, num_classes, kind, cfg.seed + 1)
+    return kept, noisy, int((noisy != labels[kept]).sum())
+
+
+def frozen_protocol(encoder, splits, kept, labels, num_classes, cfg, info, device):
+    """linear or knn: the encoder frozen, its features extracted (or read from the cache) once,
+    then a classifier on them. Checks that the encoder, BatchNorm statistics included, ends as
+    it began. Returns the fields of the result line."""
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    encoder.requires_grad_(False)
+    start = time.time()
+    features, cached = cached_features(encoder, splits, cfg, info, device)
+    feature_seconds, start = time.time() - start, time.time()
+    x_train = features["train"][0][kept].to(device)                     # (N_kept, feature_dim)
+    x_test, y_test = (t.to(device) for t in features["test"])
+    if cfg.protocol == "linear":
+        # seed + 2: the validation split is drawn apart from the label subset and the noise
+        fields = linear_accuracy(x_train, labels, x_test, y_test, num_classes, cfg.epochs, info["lr"],
+                                 cfg.seed + 2, cfg.batch_size, cfg.val_fraction)
+    else:
+        scores = knn_scores(x_train, labels, x_test, num_classes)
+        fields = {**accuracies(scores, y_test, num_classes), "best_epoch": None, "val_top1": None,
+                  "train_images": len(kept), "val_images": 0}
+    check_unchanged(encoder, before)
+    return {**fields, "test_images": len(y_test), "feature_seconds": feature_seconds,
+            "features_cached": cached, "train_seconds": time.time() - start}
+
+
+def finetune_protocol(encoder, splits, kept, labels, num_classes, cfg, info, device):
+    """finetune: the encoder and a new head trained on augmented labelled images, tested at the
+    epoch that validates best. Returns the fields of the result line."""
+    start, size = time.time(), info["img_size"]
+    transform = dogo.eval_transform(size, info["dataset"])
+    # Standard supervised augmentation; padding after Normalize fills with the mean colour.
+    augment = v2.Compose([transform, v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()])
+    fit, val = split_validation(labels, cfg.val_fraction, cfg.seed + 2)  # positions in `kept`
+    if len(fit) < 2:  # BatchNorm cannot train on a single image
+        raise UsageError(f"--protocol finetune needs two training images or more, and "
+                         f"--label-fraction {cfg.label_fraction} leaves {len(fit)}; raise it")
+    fit_set = LabelledImages(splits["train"], kept[fit], labels[fit], augment)
+    val_set = LabelledImages(splits["train"], kept[val], labels[val], transform)
+    model, best = finetune(encoder, info["feature_dim"], fit_set, val_set, num_classes, cfg,
+                           info["lr"], device)
+    scores, y_test = predict(model, LabelledImages.whole(splits["test"], transform), cfg, device)
+    return {**accuracies(scores, y_test, num_classes), "best_epoch": best.epoch,
+            "val_top1": best.accuracy, "train_images": len(fit), "val_images": len(val),
+            "test_images": len(y_test), "feature_seconds": None, "features_cached": False,
+            "train_seconds": time.time() - start}
+
+
+def evaluate(cfg):
+    """Run one evaluation as cfg describes it; print a summary, append its JSON line to
+    --results, and return that line as a dict."""
+    check_args(cfg)
+    device = dogo.pick_device(cfg.device)
+    encoder, info = load_encoder(cfg)
+    info.update(dataset=cfg.dataset or info["trained_on"] or "cifar10",
+                data_dir=cfg.data_dir or info["data_dir"],
+                lr=cfg.lr or DEFAULT_LR.get(cfg.protocol, 0.0))
+    splits = {s: dogo.load_dataset(info["dataset"], info["data_dir"], s, cfg.synthetic_size,
+                                   info["img_size"]) for s in ("train", "test")}
+    all_labels = dataset_labels(splits["train"])
+    num_classes = len(getattr(splits["train"], "classes", [])) or int(all_labels.max()) + 1
+    kept, labels, wrong = training_labels(all_labels, num_classes, info["dataset"], cfg)
+    out = results_path(cfg)
+    protocol = finetune_protocol if cfg.protocol == "finetune" else frozen_protocol
+    fields = protocol(encoder.to(device), splits, kept, labels, num_classes, cfg, info, device)
+
+    result = {
+        "checkpoint": cfg.checkpoint, "step": info["step"], "network": cfg.network,
+        "arch": info["arch"], "trained_on": info["trained_on"], "dataset": info["dataset"],
+        "protocol": cfg.protocol, "label_fraction": cfg.label_fraction,
+        "label_noise": cfg.label_noise, "noise_type": cfg.noise_type, "labels_changed": wrong,
+        "seed": cfg.seed, "epochs": None if cfg.protocol == "knn" else cfg.epochs, **fields,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    for key in ("top1", "top5", "val_top1", "feature_seconds", "train_seconds"):
+        result[key] = None if result[key] is None else round(result[key], 2)
+    with open(out, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print_summary(result, out)
+    return result
+
+
+def print_summary(r, path):
+    """The result line, for a person."""
+    trained = f"step {r['step']}, trained on {r['trained_on']}" if r["trained_on"] else "untrained"
+    top5 = f", top-5 {r['top5']:.2f}%" if r["top5"] is not None else ""
+    chosen = f" at epoch {r['best_epoch']}/{r['epochs']}" if r["best_epoch"] else ""
+    chosen += f", chosen on validation ({r['val_top1']:.2f}%)" if r["val_top1"] is not None else ""
+    cache = " (cached)" if r["features_cached"] else ""
+    features = f"features {r['feature_seconds']:.1f} s{cache}, " if r["feature_seconds"] is not None else ""
+    print(f"\n{r['protocol']} evaluation of the {r['network']} {r['arch']} of {r['checkpoint']} "
+          f"({trained}) on {r['dataset']}\n"
+          f"  labels: {r['train_images']} images to train on, {r['val_images']} to validate, "
+          f"{r['labels_changed']} of them wrong; {r['test_images']} test images\n"
+          f"  test top-1 {r['top1']:.2f}%{top5}{chosen}\n"
+          f"  time: {features}{r['protocol']} {r['train_seconds']:.1f} s; appended to {path}")
+
+
+def main(argv=None):
+    """The command line; returns the result line as a dict, so that Python can drive it too."""
+    try:
+        return evaluate(dogo.parse_flags(EvalConfig, argv, "eval_linear.py")[0])
+    except UsageError as err:
+        print(f"eval_linear.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -633,8 +633,9 @@ def plot_losses(csv_path, png_path):
     for ax, term in zip(fig.subplots(1, 2), ("ssl", "kl")):
         for key, who in ((term, "student"), (f"{term}_peer", "peer")):
             if key in rows[0]:
-                ax.plot(steps, [float(r[key]) for r in rows], label=who)
-        ax.set(title={"ssl": "NT-Xent (SSL)", "kl": "KL to the peer"}[term], xlabel="step",
+                ax.plot(steps, [float(r[key]) for r in rows], label=who,
+                        marker="o" if len(rows) < 30 else None)  # a lone point shows too
+        ax.set(title={"ssl": "SSL loss", "kl": "KL to the peer"}[term], xlabel="step",
                ylabel="loss")
         if ax.lines:
             ax.legend()

@@ -228,6 +228,21 @@ def test_one_backward_gives_each_network_the_gradient_of_its_own_loss():
     assert torch.allclose(student.head[-1].weight.grad, expected, atol=1e-6)
 
 
+def test_training_on_one_batch_drives_both_losses_down():
+    """Learning at all: repeated steps on the same views must fit them (and the peers agree)."""
+    torch.manual_seed(0)
+    cfg = dogo.Config(arch="resnet18", peer="resnet18", img_size=8)
+    student, peer = dogo.build_networks(cfg)
+    opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in (student, peer)]
+    data = dogo.Views(dogo.SyntheticShapes(16, 8), dogo.ssl_augmentation(8, "synthetic"), 4)
+    views = torch.stack([data[i][0] for i in range(16)])
+    first = dogo.train_step(student, peer, opts, views, cfg)
+    for _ in range(10):
+        last = dogo.train_step(student, peer, opts, views, cfg)
+    assert last["ssl"] < 0.7 * first["ssl"] and last["ssl_peer"] < 0.7 * first["ssl_peer"]
+    assert last["kl"] < 0.5 * first["kl"]
+
+
 def test_non_finite_loss_stops_before_any_update():
     cfg, student, peer, opts = tiny_pair()
     with torch.no_grad():

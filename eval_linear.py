@@ -55,8 +55,8 @@ class EvalConfig:
                                  "out-of-distribution evaluation", ("",) + tuple(dogo.DATASETS))
     data_dir: str = dogo.flag("", "'' = the checkpoint's --data-dir (./data for random); for "
                                   "imagefolder, a folder with train/ and test/ or val/")
-    synthetic_size: int = dogo.flag(2000, "images in the synthetic training split (test: a quarter)",
-                                    at_least=10)
+    synthetic_size: int = dogo.flag(0, "images in the synthetic training split (test: a quarter); "
+                                       "0 = the checkpoint's (2000 for random)", at_least=0)
     # protocol
     protocol: str = dogo.flag("linear", "linear: a linear classifier on frozen features; knn: "
                                         "weighted k-nearest neighbours on frozen features; finetune: "
@@ -169,14 +169,16 @@ def split_validation(labels, fraction, seed):
 # ------------------------------------------------------------------------------------------------
 def load_encoder(cfg):
     """The encoder f to evaluate (the checkpoint's --network, or an untrained one, seeded, for
-    'random') and what it is: {arch, feature_dim, img_size, trained_on, step, data_dir}."""
+    'random') and what it is: {arch, feature_dim, img_size, trained_on, step, data_dir,
+    synthetic_size}."""
     if cfg.checkpoint == "random":
         torch.manual_seed(cfg.seed)
         arch, dataset = cfg.arch or "resnet18", cfg.dataset or "cifar10"
         img_size = cfg.img_size or dogo.DATASETS[dataset].img_size
         net = dogo.SSLNet(arch, img_size)
         return net.encoder, dict(arch=arch, feature_dim=net.feature_dim, img_size=img_size,
-                                 trained_on=None, step=0, data_dir="./data")
+                                 trained_on=None, step=0, data_dir="./data",
+                                 synthetic_size=dogo.Config.synthetic_size)
     ckpt = dogo.load_checkpoint(cfg.checkpoint, flag="--checkpoint")
     trained = dogo.config_from_checkpoint(ckpt)
     if cfg.network == "peer" and ckpt["peer"] is None:
@@ -194,7 +196,8 @@ def load_encoder(cfg):
             raise UsageError(f"{flag} {given} differs from the checkpoint's {own}; drop {flag}, "
                              f"which is for --checkpoint random")
     info = dict(arch=net.arch, feature_dim=net.feature_dim, img_size=trained.img_size,
-                trained_on=trained.dataset, step=ckpt["step"], data_dir=trained.data_dir)
+                trained_on=trained.dataset, step=ckpt["step"], data_dir=trained.data_dir,
+                synthetic_size=trained.synthetic_size)
     return net.encoder, info
 
 
@@ -270,7 +273,7 @@ def cached_features(encoder, splits, cfg, info, device):
         key = dict(checkpoint=os.path.abspath(cfg.checkpoint), modified_ns=stat.st_mtime_ns,
                    bytes=stat.st_size, step=info["step"], network=cfg.network,
                    dataset=info["dataset"], img_size=info["img_size"],
-                   data=cfg.synthetic_size if synthetic else os.path.abspath(info["data_dir"]))
+                   data=info["synthetic_size"] if synthetic else os.path.abspath(info["data_dir"]))
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # none yet, or unreadable (an interrupted copy, say): extract again
@@ -555,8 +558,9 @@ def evaluate(cfg):
     encoder, info = load_encoder(cfg)
     info.update(dataset=cfg.dataset or info["trained_on"] or "cifar10",
                 data_dir=cfg.data_dir or info["data_dir"],
+                synthetic_size=cfg.synthetic_size or info["synthetic_size"],
                 lr=cfg.lr or DEFAULT_LR.get(cfg.protocol, 0.0))
-    splits = {s: dogo.load_dataset(info["dataset"], info["data_dir"], s, cfg.synthetic_size,
+    splits = {s: dogo.load_dataset(info["dataset"], info["data_dir"], s, info["synthetic_size"],
                                    info["img_size"]) for s in ("train", "test")}
     all_labels = dataset_labels(splits["train"])
     num_classes = len(getattr(splits["train"], "classes", [])) or int(all_labels.max()) + 1

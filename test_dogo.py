@@ -624,7 +624,7 @@ def test_eval_asymmetric_noise_follows_the_cifar10_pairs():
     by_name = {_EVAL_CIFAR10_CLASSES[s]: _EVAL_CIFAR10_CLASSES[t]
                for s, t in eval_linear.CIFAR10_ASYMMETRIC.items()}
     assert by_name == {"truck": "automobile", "bird": "airplane", "deer": "horse", "cat": "dog",
-                       "dog": "cat"}
+                   "dog": "cat"}
     labels = np.repeat(np.arange(10), [50, 60, 70, 80, 90, 100, 110, 120, 130, 140])
     noisy = eval_linear.corrupt_labels(labels, 0.4, 10, eval_linear.CIFAR10_ASYMMETRIC, seed=0)
     for c in range(10):
@@ -764,8 +764,8 @@ def test_eval_finetune_with_few_and_noisy_labels(_eval_checkpoint, tmp_path):
     checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
     before = os.stat(checkpoint).st_mtime_ns
     run = run_eval("--checkpoint", checkpoint, "--protocol", "finetune", "--synthetic-size", "120",
-                       "--label-fraction", "0.25", "--val-fraction", "0.34", "--label-noise", "0.2",
-                       "--epochs", "1", "--batch-size", "32", "--workers", "0")
+                   "--label-fraction", "0.25", "--val-fraction", "0.34", "--label-noise", "0.2",
+                   "--epochs", "1", "--batch-size", "32", "--workers", "0")
     assert run.returncode == 0, run.stderr
     assert "finetune epoch 1/1" in run.stdout and "test top-1" in run.stdout
     [line] = _eval_lines(tmp_path / "run" / "results.jsonl")
@@ -779,10 +779,16 @@ def test_eval_finetune_with_few_and_noisy_labels(_eval_checkpoint, tmp_path):
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "results.jsonl"]  # no cache
 
 
+def test_eval_uses_the_checkpoint_s_synthetic_data_by_default(_eval_checkpoint, tmp_path):
+    checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
+    line = eval_linear.main(["--checkpoint", checkpoint, "--protocol", "knn", "--workers", "0"])
+    assert (line["dataset"], line["train_images"], line["test_images"]) == ("synthetic", 32, 10)
+
+
 def test_eval_knn_of_a_random_encoder(tmp_path):
     run = run_eval("--checkpoint", "random", "--arch", "resnet18", "--img-size", "16",
-                       "--dataset", "synthetic", "--synthetic-size", "120", "--label-fraction", "0.5",
-                       "--protocol", "knn", "--workers", "0", "--results", "out/r.jsonl", cwd=tmp_path)
+                   "--dataset", "synthetic", "--synthetic-size", "120", "--label-fraction", "0.5",
+                   "--protocol", "knn", "--workers", "0", "--results", "out/r.jsonl", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     [line] = _eval_lines(tmp_path / "out" / "r.jsonl")
     assert (line["checkpoint"], line["trained_on"], line["step"], line["arch"]) == (

@@ -394,6 +394,11 @@ class SSLNet(nn.Module):
         return F.normalize(self.project(x), dim=1)  # (B, proj_dim), unit length
 
 
+def build_optimizers(networks, cfg):
+    """One Adam per network: each network is updated by its own optimiser, on its own loss."""
+    return [torch.optim.Adam(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n in networks]
+
+
 def build_networks(cfg):
     """The arch network and its peer (None when training alone), as cfg describes them."""
     net = SSLNet(cfg.arch, cfg.img_size, cfg.proj_dim, cfg.objective)
@@ -697,8 +702,7 @@ def train(cfg, given=frozenset()):
 
     student, peer = build_networks(cfg)
     networks = [n.to(device) for n in (student, peer) if n is not None]
-    optimizers = [torch.optim.Adam(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-                  for n in networks]
+    optimizers = build_optimizers(networks, cfg)
     step = restore(ckpt, networks, optimizers, cfg, device) if ckpt else 0
 
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -6,15 +6,18 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 
+import nbformat
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from nbclient import NotebookClient
 from PIL import Image
 
 import dogo
@@ -854,3 +857,30 @@ def test_eval_bad_inputs_end_with_one_line_and_exit_code_2(_eval_checkpoint, tmp
         assert err.startswith("eval_linear.py: error: ") and err.count("\n") == 1, err
         assert expected in err, (argv, err)
     assert not os.path.exists(tmp_path / "r.jsonl")  # nothing half-done is recorded
+
+
+# ------------------------------------------------------------------------------------------------
+# tutorial.ipynb
+# ------------------------------------------------------------------------------------------------
+def printed_numbers(notebook):
+    """The numbers that the code cells print, except timings, in order."""
+    text = "".join(out.get("text", "") for cell in notebook.cells if cell.cell_type == "code"
+                   for out in cell.outputs if out.get("output_type") == "stream")
+    lines = [line for line in text.splitlines() if "s/step" not in line and " ran in " not in line]
+    return [float(x) for x in re.findall(r"-?\d+\.\d+", "\n".join(lines))]
+
+
+def test_tutorial_notebook_runs_and_reproduces_its_committed_numbers(tmp_path, monkeypatch):
+    """tutorial.ipynb, committed with its outputs, re-executes top to bottom without a cell error
+    (about a minute and a half on two CPU cores), in a temporary folder so that nothing lands in
+    the repository, and prints the numbers that its text quotes again."""
+    committed = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
+    assert all(cell.execution_count for cell in committed.cells if cell.cell_type == "code"), \
+        "tutorial.ipynb must be committed executed, with its outputs"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    rerun = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
+    NotebookClient(rerun, kernel_name="python3", timeout=600,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a cell error
+    old, new = printed_numbers(committed), printed_numbers(rerun)
+    assert len(old) == len(new) > 50
+    assert all(abs(a - b) <= max(1.0, 0.05 * abs(a)) for a, b in zip(old, new)), list(zip(old, new))

@@ -4,8 +4,8 @@ Bhat, Arani, Zonooz. "Distill on the Go: Online knowledge distillation in self-s
 learning", CVPR 2021 workshop on Learning from Limited and Imperfect Data, arXiv:2104.09866.
 
 Two networks learn from scratch at the same time, without labels. Each one solves SimCLR (or
-SimSiam) on its own two views of every image, and also learns to agree with its peer on how similar the images
-of a batch are to each other (deep mutual learning on similarity scores):
+SimSiam) on its own two views of every image, and also learns to agree with its peer on how
+similar the images of a batch are to each other (deep mutual learning on similarity scores):
 
     L_k = NT-Xent_k  +  lambda_k * KL( P_peer || P_k )      (P: row-softmax of cross-view cosines)
 
@@ -13,7 +13,8 @@ Usage:
     python dogo.py --arch resnet18 --peer resnet50                  # the paper's set-up, CIFAR-10
     python dogo.py --arch resnet18 --peer none                      # solo SimCLR baseline
     python dogo.py --arch wrn16_2 --peer resnet50 --peer-objective simsiam   # other pairings
-    python dogo.py --dataset synthetic --epochs 2 --batch-size 64   # offline demo, CPU is fine
+    python dogo.py --dataset synthetic --img-size 16 --synthetic-size 512 --batch-size 64 \
+        --arch resnet18 --peer resnet18 --epochs 5                  # offline demo, 2 min on a CPU
     python dogo.py --resume runs/cifar10_resnet18_resnet50/checkpoint.pt --epochs 400
 
 Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt. Evaluate with eval_linear.py.
@@ -169,8 +170,7 @@ def config_from_checkpoint(ckpt):
 
 def pick_device(name):
     """'auto' means CUDA when there is a GPU, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -580,10 +580,11 @@ def load_checkpoint(path, flag="--resume"):
 
 class Progress:
     """Averages the loss terms over each --log-every interval; prints one line per interval and
-    appends the same numbers to metrics.csv."""
+    keeps the same numbers as the rows of metrics.csv, rewritten whole (and atomically) each time."""
 
-    def __init__(self, csv_path, batch_size, total_steps, epochs):
-        self.csv_path, self.batch_size, self.total_steps, self.epochs = csv_path, batch_size, total_steps, epochs
+    def __init__(self, csv_path, rows, batch_size, total_steps, epochs):
+        self.csv_path, self.rows, self.batch_size = csv_path, rows, batch_size
+        self.total_steps, self.epochs = total_steps, epochs
         self.sums, self.count, self.tick = {}, 0, time.time()
 
     def add(self, terms):
@@ -593,14 +594,13 @@ class Progress:
 
     def log(self, epoch, step):
         speed = self.count * self.batch_size / (time.time() - self.tick)
-        row = {"epoch": epoch, "step": step, **{k: v / self.count for k, v in self.sums.items()},
-               "images_per_s": speed}
-        new_file = not os.path.exists(self.csv_path)
-        with open(self.csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        self.rows.append({"epoch": epoch, "step": step, **{k: v / self.count for k, v in self.sums.items()},
+                          "images_per_s": speed})
+        with open(self.csv_path + ".tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[-1]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(self.csv_path + ".tmp", self.csv_path)
         eta = (self.total_steps - step) * self.batch_size / speed
         terms = " ".join(f"{k} {v / self.count:.4f}" for k, v in self.sums.items())
         print(f"epoch {epoch}/{self.epochs} step {step}/{self.total_steps} | {terms} | "
@@ -608,29 +608,18 @@ class Progress:
         self.sums, self.count, self.tick = {}, 0, time.time()
 
 
-def keep_metrics_until(csv_path, step):
-    """Keep the rows of metrics.csv up to `step`: a resumed run drops the rows logged after its
-    checkpoint (steps that a crash lost), a new run (step 0) starts an empty file."""
-    if not os.path.exists(csv_path):
-        return
+def read_metrics(csv_path, until_step):
+    """The rows of metrics.csv up to until_step: a resumed run drops the rows logged after its
+    checkpoint (steps that a crash lost); a new run (step 0) starts with none."""
+    if until_step == 0 or not os.path.exists(csv_path):
+        return []
     with open(csv_path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    if not rows:
-        os.remove(csv_path)
-        return
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= until_step]
 
 
-def plot_losses(csv_path, png_path):
-    """losses.png from metrics.csv: each network's SSL term, and each network's KL term."""
+def plot_losses(rows, png_path):
+    """losses.png from the rows of metrics.csv: each network's SSL term, and each one's KL term."""
     from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebooks alone
-    if not os.path.exists(csv_path):
-        return
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
     if not rows:
         return
     steps = [int(r["step"]) for r in rows]
@@ -640,8 +629,7 @@ def plot_losses(csv_path, png_path):
             if key in rows[0]:
                 ax.plot(steps, [float(r[key]) for r in rows], label=who,
                         marker="o" if len(rows) < 30 else None)  # a lone point shows too
-        ax.set(title={"ssl": "SSL loss", "kl": "KL to the peer"}[term], xlabel="step",
-               ylabel="loss")
+        ax.set(title={"ssl": "SSL loss", "kl": "KL to the peer"}[term], xlabel="step", ylabel="loss")
         if ax.lines:
             ax.legend()
     fig.savefig(png_path + ".tmp.png")
@@ -710,7 +698,7 @@ def train(cfg, given=frozenset()):
     if ckpt is None and os.path.exists(paths["checkpoint.pt"]):
         print(f"note: {cfg.out_dir} holds an earlier run, which this one replaces "
               f"(to continue it instead: --resume {paths['checkpoint.pt']})")
-    keep_metrics_until(paths["metrics.csv"], step)
+    rows = read_metrics(paths["metrics.csv"], step)
     pair = cfg.arch if cfg.peer == "none" else f"{cfg.arch} + peer {cfg.peer}"
     print(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
           f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
@@ -719,7 +707,7 @@ def train(cfg, given=frozenset()):
         print(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
 
-    progress = Progress(paths["metrics.csv"], cfg.batch_size, total_steps, cfg.epochs)
+    progress = Progress(paths["metrics.csv"], rows, cfg.batch_size, total_steps, cfg.epochs)
     with StopOnCtrlC() as ctrl_c:
         for net in networks:
             net.train()
@@ -729,11 +717,9 @@ def train(cfg, given=frozenset()):
                 try:
                     views = views.to(device, non_blocking=True)  # pinned memory: overlaps the copy
                     progress.add(train_step(student, peer, optimizers, views, cfg))
-                except NonFiniteLoss as err:
-                    kept = (f"the last good checkpoint is {paths['checkpoint.pt']}"
-                            if os.path.exists(paths["checkpoint.pt"]) else "no checkpoint was written")
-                    raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped "
-                                        f"before updating the weights; {kept}; try a lower --lr") from None
+                except NonFiniteLoss as err:  # the checkpoint on disk is the last good state
+                    raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before "
+                                        f"updating the weights or the checkpoint; try a lower --lr") from None
                 step += 1
                 if step % cfg.log_every == 0 or step == total_steps or ctrl_c.requested:
                     progress.log(epoch + 1, step)
@@ -741,7 +727,7 @@ def train(cfg, given=frozenset()):
                     break
             # end of an epoch, of the run, or Ctrl-C
             save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers)
-            plot_losses(paths["metrics.csv"], paths["losses.png"])
+            plot_losses(progress.rows, paths["losses.png"])
     if ctrl_c.requested:
         print(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "
               f"python dogo.py --resume {paths['checkpoint.pt']}")

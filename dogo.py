@@ -549,11 +549,11 @@ class StopOnCtrlC:
         signal.signal(signal.SIGINT, self.previous)
 
 
-def save_checkpoint(path, cfg, step, student, peer, optimizers):
+def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0):
     """Atomically (temporary file, then rename): a crash never leaves a half-written checkpoint.
     Only tensors and plain Python values, so that it loads with torch.load(weights_only=True)."""
     state = {
-        "config": dataclasses.asdict(cfg), "step": step,
+        "config": dataclasses.asdict(cfg), "step": step, "epoch": epoch,  # epochs completed
         "student": student.state_dict(), "student_opt": optimizers[0].state_dict(),
         "peer": peer.state_dict() if peer else None,
         "peer_opt": optimizers[1].state_dict() if peer else None,
@@ -726,7 +726,8 @@ def train(cfg, given=frozenset()):
                 if step == total_steps or ctrl_c.requested:
                     break
             # end of an epoch, of the run, or Ctrl-C
-            save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers)
+            save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers,
+                            epoch=step // steps_per_epoch)
             plot_losses(progress.rows, paths["losses.png"])
     if ctrl_c.requested:
         print(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "

@@ -306,7 +306,8 @@ def test_script_trains_and_writes_its_outputs(tmp_path, dogo_run, peer, columns)
     with open(os.path.join(out, "losses.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert ckpt["step"] == 5 and ckpt["config"]["peer"] == peer and ckpt["config"]["img_size"] == 8
+    assert ckpt["step"] == 5 and ckpt["epoch"] == 1  # 4 steps per epoch
+    assert ckpt["config"]["peer"] == peer and ckpt["config"]["img_size"] == 8
     student, peer_net = dogo.build_networks(dogo.Config(**ckpt["config"]))
     student.load_state_dict(ckpt["student"])
     if peer == "none":

@@ -27,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,11 +51,8 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "w
 OBJECTIVES = ("simclr", "simsiam")
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    img_size: int  # native resolution
-    mean: tuple    # per-channel normalisation
-    std: tuple
+# Per dataset: native resolution, and the per-channel mean and std that normalise its images.
+DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")
 
 
 DATASETS = {
@@ -77,44 +75,44 @@ class Config:
     # what to train
     arch: str = flag("resnet18", "the small network, the one DoGo is for", ARCHS)
     peer: str = flag("resnet50", "its peer, trained alongside; none: the arch alone, the baseline "
-                                  "that DoGo is compared against", ARCHS + ("none",))
+                     "that DoGo is compared against", ARCHS + ("none",))
     objective: str = flag("simclr", "the arch's self-supervised task", OBJECTIVES)
     peer_objective: str = flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
     # data
     dataset: str = flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
     data_dir: str = flag("./data", "where datasets are downloaded to, or the image folder "
-                                    "(with train/ and test/ or val/, one sub-folder per class)")
+                         "(with train/ and test/ or val/, one sub-folder per class)")
     img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 for CIFAR and "
-                             "synthetic, 96 for STL-10, 64 for imagefolder)", at_least=0)
+                         "synthetic, 96 for STL-10, 64 for imagefolder)", at_least=0)
     synthetic_size: int = flag(2000, "images in the synthetic training split (test: a quarter)",
-                                at_least=10)
+                               at_least=10)
     # optimisation (the paper's published configuration)
     epochs: int = flag(200, "passes over the data; 200 is the usual budget of SSL studies on "
-                             "CIFAR-sized data, and SSL keeps improving with longer schedules", at_least=1)
+                       "CIFAR-sized data, and SSL keeps improving with longer schedules", at_least=1)
     max_steps: int = flag(0, "stop after this many training steps in total, counted across "
-                              "resumes; 0 = no cap (for quick runs)", at_least=0)
+                          "resumes; 0 = no cap (for quick runs)", at_least=0)
     batch_size: int = flag(256, "images per step, each giving 4 views; NT-Xent needs 2 or more",
-                            at_least=2)
+                           at_least=2)
     lr: float = flag(3e-4, "Adam learning rate, for both networks", above=0)
     weight_decay: float = flag(1e-6, "Adam weight decay", at_least=0)
     temperature: float = flag(0.5, "NT-Xent temperature", above=0)
     kd_temperature: float = flag(0.1, "temperature of the similarity distributions in the KL term",
-                                  above=0)
+                                 above=0)
     kd_weight: float = flag(0.390625, "weight of the arch's KL term (KL averaged over rows); "
-                                       "0.390625 = 100/256, the authors' weight of 100 with their "
-                                       "N*N reduction at batch 256", at_least=0)
+                            "0.390625 = 100/256, the authors' weight of 100 with their "
+                            "N*N reduction at batch 256", at_least=0)
     peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 0.00390625 = 1/256, "
-                                              "the authors' weight of 1 at batch 256", at_least=0)
+                                 "the authors' weight of 1 at batch 256", at_least=0)
     proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see", at_least=1)
     # running
     workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
-                         "cores, up to 8); 0 loads in the main process", at_least=0)
+                        "cores, up to 8); 0 loads in the main process", at_least=0)
     device: str = flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
-                             "or the checkpoint's folder with --resume")
+                        "or the checkpoint's folder with --resume")
     resume: str = flag("", "checkpoint.pt to continue from; flags given now override its config, "
-                            "except those that define the networks and data")
+                       "except those that define the networks and data")
     log_every: int = flag(50, "steps between progress lines and rows of metrics.csv", at_least=1)
 
 

@@ -23,7 +23,10 @@ File layout, in the paper's order: config, data and augmentations, networks, los
 import argparse
 import csv
 import dataclasses
+import itertools
+import json
 import os
+import resource
 import signal
 import sys
 import time
@@ -33,9 +36,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 
@@ -114,6 +119,15 @@ class Config:
     resume: str = flag("", "checkpoint.pt to continue from; flags given now override its config, "
                        "except those that define the networks and data")
     log_every: int = flag(50, "steps between progress lines and rows of metrics.csv", at_least=1)
+    # speed (none of these changes the method)
+    amp: bool = flag(None, "bfloat16 autocast for the networks, the losses staying in float32 "
+                     "(default: on with CUDA, off on CPU)")
+    compile: bool = flag(False, "torch.compile the networks: a slow first step, faster later ones")
+    sync_bn: bool = flag(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
+    gpu_augment: bool = flag(False, "augment on the training device, a batch at a time, instead of "
+                             "per image in the loader processes: for GPUs that the CPU cannot feed")
+    benchmark: bool = flag(False, "instead of training, time the parts of a few steps on synthetic "
+                           "data at this --arch, --peer, --batch-size and --img-size")
 
 
 # A resumed run must rebuild exactly the same networks on the same data.
@@ -135,9 +149,10 @@ def parse_flags(config_class, argv=None, prog="dogo.py"):
     for f in dataclasses.fields(config_class):
         choices = f.metadata["choices"]
         choices = f" ({' | '.join(c or repr(c) for c in choices)})" if choices else ""
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
-                            metavar=type(f.default).__name__.upper(),
-                            help=f"{f.metadata['help']}{choices} (default: {f.default!r})")
+        default = "" if f.default is None else f" (default: {f.default!r})"  # None: told in the help
+        kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool  # --amp and --no-amp
+                else dict(type=f.type, metavar=f.type.__name__.upper()))
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']}{choices}{default}", **kind)
     given = vars(parser.parse_args(argv))
     return config_class(**given), set(given)
 
@@ -280,6 +295,25 @@ def eval_transform(img_size, dataset):
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
 
 
+def ssl_views(base, cfg):
+    """The training set: 4 augmented views of each image (2 with --peer none); with --gpu-augment,
+    the image alone, at the training size, for ready_views to augment on the device."""
+    if cfg.gpu_augment:
+        sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
+        return Views(base, sized, 1)
+    return Views(base, ssl_augmentation(cfg.img_size, cfg.dataset), 2 if cfg.peer == "none" else 4)
+
+
+def ready_views(batch, cfg, device):
+    """A batch from the loader -> its views (B, 4 or 2, C, H, W) on the device."""
+    batch = batch.to(device, non_blocking=True)  # from pinned memory: the copy overlaps compute
+    if not cfg.gpu_augment:
+        return batch
+    info, n_views = DATASETS[cfg.dataset], 2 if cfg.peer == "none" else 4
+    return torch.stack([batch_ssl_augmentation(batch[:, 0], cfg.img_size, info.mean, info.std)
+                        for _ in range(n_views)], dim=1)
+
+
 class Views(Dataset):
     """Each item: (n_views x C x H x W tensor of independently augmented views, label).
 
@@ -367,8 +401,9 @@ def make_encoder(arch, img_size):
 class SSLNet(nn.Module):
     """Encoder f, projection head g and, for SimSiam, predictor h.
 
-    forward(x) gives the L2-normalised projection z = g(f(x)); project(x) the same before
-    normalisation; self.encoder(x) the representation that evaluation uses.
+    forward(x) gives what the losses take: the projection z = g(f(x)), before normalisation, and
+    for SimSiam the prediction h(z) (None for SimCLR); self.encoder(x) gives the representation
+    that evaluation uses.
     SimCLR's head is the authors': Linear(f, 512, no bias) - BN - ReLU - Linear(512, proj_dim).
     SimSiam's (Chen & He 2021) is sized down for small images: a 512-d projector ending in BN and
     a 128-d predictor bottleneck."""
@@ -388,8 +423,9 @@ class SSLNet(nn.Module):
     def project(self, x):                 # x: (B, 3, H, W)
         return self.head(self.encoder(x))  # (B, proj_dim)
 
-    def forward(self, x):
-        return F.normalize(self.project(x), dim=1)  # (B, proj_dim), unit length
+    def forward(self, x):  # one call for the whole pass, which is what DDP and compile wrap
+        z = self.project(x)
+        return z, (None if self.predictor is None else self.predictor(z))
 
 
 def build_optimizers(networks, cfg):
@@ -407,7 +443,50 @@ def build_networks(cfg):
 
 # ------------------------------------------------------------------------------------------------
 # Losses: pure functions of the projections
+#
+# Under torchrun each process holds N / world of the batch's images. The losses gather every
+# process's projections, so that each anchor still meets all 2N - 2 negatives of the global
+# batch, and return the same value, with the same gradients for this process's rows, as one
+# process holding the whole batch would. Without torchrun the gathers do nothing.
 # ------------------------------------------------------------------------------------------------
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather that carries gradients back: every process's rows, stacked in rank order."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every process's loss reaches this process's rows: their gradient is the sum of the
+        # gradients that all processes computed for them.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):
+    """(n, ...) on each process -> (world * n, ...), this process's rows at rank * n."""
+    return GatherWithGrad.apply(x) if dist.is_initialized() else x
+
+
+def summed_over_processes(part):
+    """A loss from its per-process parts: the value is the sum over processes; the gradient is
+    this part's own, which through `gather` already holds every part's dependence on this
+    process's rows."""
+    if not dist.is_initialized():
+        return part
+    total = part.detach().clone()
+    dist.all_reduce(total)
+    return part + (total - part.detach())
+
+
 def nt_xent(z1, z2, temperature=0.5):
     r"""SimCLR's NT-Xent loss over the 2N views of one network (Chen et al. 2020, eq. 1).
 
@@ -420,14 +499,19 @@ def nt_xent(z1, z2, temperature=0.5):
 
     over the 2N stacked views, where i^+ is the other view of image i: one positive and 2N - 2
     negatives per anchor. One (2N, 2N) matrix product: memory O(N^2), never an (N, N, d) tensor.
+    Under torchrun, z1 and z2 are this process's n rows: its 2n anchors meet all 2N views.
     """
     n = z1.shape[0]
-    z = F.normalize(torch.cat([z1, z2]), dim=1)                       # (2N, d)
-    logits = z @ z.T / temperature                                    # (2N, 2N)
-    self_pair = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    logits = logits.masked_fill(self_pair, float("-inf"))             # k != i
-    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(logits, positive)                          # mean of -log softmax
+    anchors = F.normalize(torch.cat([z1, z2]), dim=1)                 # (2n, d) this process's views
+    views = gather(anchors.view(2, n, -1).transpose(0, 1))            # (N, 2, d) all images, both views
+    views = views.transpose(0, 1).flatten(0, 1)                       # (2N, d) first views, then second
+    big_n = views.shape[0] // 2
+    logits = anchors @ views.T / temperature                          # (2n, 2N)
+    first = (dist.get_rank() * n if dist.is_initialized() else 0) + torch.arange(n, device=z1.device)
+    itself, positive = torch.cat([first, first + big_n]), torch.cat([first + big_n, first])
+    is_itself = torch.arange(2 * big_n, device=z1.device) == itself[:, None]
+    logits = logits.masked_fill(is_itself, float("-inf"))             # k != i
+    return summed_over_processes(F.cross_entropy(logits, positive, reduction="sum") / (2 * big_n))
 
 
 def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
@@ -443,6 +527,7 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
         \mathrm{KL}(Q \| P) = \frac{1}{N} \sum_{i=1}^{N} \sum_{j=1}^{N} Q_{ij} \log \frac{Q_{ij}}{P_{ij}}
 
     summed over each row j and averaged over the N rows (anchors): a true KL divergence per row.
+    Under torchrun the rows are this process's images and the columns j those of the global batch.
 
     The authors' code computes ``kl_div(softmax(.).log(), Q)`` with PyTorch's default
     reduction='mean', which divides by N*N instead of N. So their weight lambda_official on that
@@ -451,13 +536,15 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
     Which tensors enter for each objective (SimCLR: both projections; SimSiam: prediction of view
     1 and projection of view 2) is decided by ssl_forward; a mixed pair mixes them.
     """
-    def log_similarity_distribution(a, b):                            # (N, N) row log-probabilities
-        return F.log_softmax(F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature, dim=1)
+    def log_similarity_distribution(a, b):                            # (n, N) row log-probabilities
+        b = gather(F.normalize(b, dim=1))
+        return F.log_softmax(F.normalize(a, dim=1) @ b.T / temperature, dim=1)
 
     log_p = log_similarity_distribution(z1, z2)
     # Stop-gradient: the peer is a teacher for this term only; it learns from its own term.
     log_q = log_similarity_distribution(z1_peer.detach(), z2_peer.detach())
-    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)  # sum / N
+    kl = F.kl_div(log_p, log_q, reduction="sum", log_target=True)     # summed over rows and j
+    return summed_over_processes(kl / (z1.shape[0] * world_size()))   # / N: the mean over rows
 
 
 def simsiam_loss(p1, p2, z1, z2):
@@ -467,9 +554,10 @@ def simsiam_loss(p1, p2, z1, z2):
 
     .. math::  L = -\tfrac{1}{2}\cos(p_1, \mathrm{sg}(z_2)) - \tfrac{1}{2}\cos(p_2, \mathrm{sg}(z_1))
 
-    averaged over the batch. p1, p2, z1, z2: (N, d)."""
-    return -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
-             + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2
+    averaged over the batch (the global one under torchrun). p1, p2, z1, z2: (N, d)."""
+    total = (F.cosine_similarity(p1, z2.detach(), dim=1).sum()
+             + F.cosine_similarity(p2, z1.detach(), dim=1).sum())
+    return summed_over_processes(-total / (2 * p1.shape[0] * world_size()))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -479,25 +567,34 @@ class NonFiniteLoss(Exception):
     """A loss became NaN or infinite: the run stops before that step changes any weight."""
 
 
-def ssl_forward(net, x1, x2, temperature):
+def ssl_forward(net, x1, x2, temperature, amp=False):
     """One network on its two views: (its SSL loss, the two (N, d) matrices that its KL term
     compares). SimCLR: NT-Xent, and the projections of both views. SimSiam: its own loss, and the
-    prediction of view 1 against the projection of view 2, the pair that SimSiam itself aligns."""
-    z1, z2 = net.project(torch.cat([x1, x2])).chunk(2)                  # (B, d) each
-    if net.objective == "simclr":
+    prediction of view 1 against the projection of view 2, the pair that SimSiam itself aligns.
+    net: an SSLNet, as it is or wrapped by DDP or torch.compile. amp: bfloat16 autocast."""
+    x = torch.cat([x1, x2])
+    if x.is_cuda:  # the networks are stored channels-last on GPUs, the faster layout for cuDNN
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        z, p = net(x)
+    # The losses stay in float32: softmax over 2N logits at t = 0.1 needs more than bf16's 8 bits.
+    z1, z2 = z.float().chunk(2)                                         # (B, d) each
+    if p is None:
         return nt_xent(z1, z2, temperature), (z1, z2)
-    p1, p2 = net.predictor(torch.cat([z1, z2])).chunk(2)
+    p1, p2 = p.float().chunk(2)
     return simsiam_loss(p1, p2, z1, z2), (p1, z2)
 
 
 def train_step(student, peer, optimizers, views, cfg):
     """One DoGo step on views (B, 4, C, H, W): views 0-1 go to the student, 2-3 to the peer.
-    With peer=None it is a plain SSL step on views 0-1. Returns the loss terms as floats."""
-    ssl, (s1, s2) = ssl_forward(student, views[:, 0], views[:, 1], cfg.temperature)
+    With peer=None it is a plain SSL step on views 0-1. Returns the loss terms as floats.
+    Under torchrun, views are this process's share of the batch and the networks DDP-wrapped."""
+    amp = views.is_cuda if cfg.amp is None else cfg.amp
+    ssl, (s1, s2) = ssl_forward(student, views[:, 0], views[:, 1], cfg.temperature, amp)
     terms = {"ssl": ssl}
     loss = ssl
     if peer is not None:
-        ssl_peer, (q1, q2) = ssl_forward(peer, views[:, 2], views[:, 3], cfg.temperature)
+        ssl_peer, (q1, q2) = ssl_forward(peer, views[:, 2], views[:, 3], cfg.temperature, amp)
         terms["kl"] = dogo_kl(s1, s2, q1, q2, cfg.kd_temperature)       # student learns from peer
         terms["ssl_peer"] = ssl_peer
         terms["kl_peer"] = dogo_kl(q1, q2, s1, s2, cfg.kd_temperature)  # peer learns from student
@@ -509,7 +606,9 @@ def train_step(student, peer, optimizers, views, cfg):
     # backward of the sum gives every network exactly the gradient of its own loss.
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    loss.backward()
+    # Under torchrun each process's backward already gives the global batch's gradient for its
+    # own images; the weights' gradient is the sum over processes, and DDP averages: so * world.
+    (loss * world_size()).backward()
     for opt in optimizers:
         opt.step()
     return {k: v.item() for k, v in terms.items()}
@@ -519,15 +618,37 @@ def _ignore_sigint(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
 
 
-def make_loader(data, cfg, epoch, skip_batches, device):
-    """Batches of one epoch, in an order fixed by (seed, epoch), starting after skip_batches: a
-    resumed run sees exactly the images it would have seen without the interruption."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-    return DataLoader(data, batch_size=cfg.batch_size, sampler=order[skip_batches * cfg.batch_size:].tolist(),
+class EpochOrder(DistributedSampler):
+    """This process's share of each epoch's order, which (seed, epoch) fix. Process r of W takes
+    positions r, r + W, r + 2W, ...: the k-th batches of all processes together hold the images of
+    the k-th batch of one process, so the global batches do not depend on W. start(epoch, skip)
+    skips the first images of this share, those that a resumed run has already trained on."""
+
+    def __init__(self, data, seed, rank=0, world=1):
+        super().__init__(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def start(self, epoch, skip=0):
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def make_loader(data, cfg, device, rank=0, world=1, step=0):
+    """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip)
+    before each epoch. Its worker processes live for the whole run (persistent_workers): no start-up
+    cost per epoch. step: where the run starts, so that a resumed run draws new augmentations."""
+    worker_seed = int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0])
+    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
                       drop_last=True,  # every step has the same number of negatives
-                      num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator().manual_seed(cfg.seed + epoch),  # worker seeds
-                      worker_init_fn=_ignore_sigint)
+                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                      pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
+                      generator=torch.Generator().manual_seed(worker_seed), worker_init_fn=_ignore_sigint)
 
 
 class StopOnCtrlC:
@@ -671,14 +792,119 @@ def restore(ckpt, networks, optimizers, cfg, device):
     return ckpt["step"]
 
 
+def init_distributed(cfg):
+    """(rank, world size, device). torchrun starts the processes and tells each its RANK,
+    LOCAL_RANK and WORLD_SIZE; they join one process group: NCCL between GPUs (one GPU per
+    process), gloo on CPU. A plain `python dogo.py` is process 0 of 1."""
+    device = pick_device(cfg.device)
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    world = int(os.environ["WORLD_SIZE"])
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
+                         f"give a multiple of {world} (it is the global batch, over all processes)")
+    if cfg.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU; drop the flag")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def build_training(cfg, device, world, ckpt=None):
+    """(student, peer, optimisers, step to start from, runners). The runners are what train_step
+    calls: the same networks, wrapped by DDP under torchrun and compiled with --compile."""
+    student, peer = build_networks(cfg)
+    if cfg.sync_bn and world > 1:  # else each process normalises over its own batch_size / world images
+        student, peer = (n and nn.SyncBatchNorm.convert_sync_batchnorm(n) for n in (student, peer))
+    layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    networks = [n.to(device, memory_format=layout) for n in (student, peer) if n is not None]
+    optimizers = build_optimizers(networks, cfg)
+    step = restore(ckpt, networks, optimizers, cfg, device) if ckpt else 0
+    runners = []
+    for net in networks:
+        if world > 1:  # DDP averages the gradients over the processes during the backward pass
+            net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+        runners.append(torch.compile(net) if cfg.compile else net)
+    return student, peer, optimizers, step, (runners + [None])[:2]
+
+
+def any_process(flag, device):
+    """True on every process when it is True on one: all must stop at the same step."""
+    if not dist.is_initialized():
+        return flag
+    flag = torch.tensor(float(flag), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+def benchmark(cfg, rank, world, device, warmup=3):
+    """--benchmark: where the time of a training step goes, measured on synthetic images. Prints
+    (process 0) `benchmark: {json}` with images_per_s (images, not views, of the global batch),
+    step_ms (a whole step: the loader's batch, both networks, all loss terms, both updates),
+    model_only_ms (the same step on views made beforehand), loss_ms (the NT-Xent and KL terms of
+    both networks, forward and backward, on fixed projections), data_ms (making one step's views
+    in one process, work that the loader spreads over its workers), peak_mem_mb (of the GPU; on
+    CPU the process's peak resident memory) and device. --max-steps sets the timed steps (5)."""
+    steps = cfg.max_steps or 5
+    data = ssl_views(SyntheticShapes(cfg.batch_size * (warmup + steps), cfg.img_size), cfg)
+    _, peer, optimizers, _, (run_student, run_peer) = build_training(cfg, device, world)
+    loader = make_loader(data, cfg, device, rank, world)
+    loader.sampler.start(0)
+    local = cfg.batch_size // world
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
+    def ms_per_call(fn):  # the mean over `steps` calls, after `warmup` untimed ones
+        for _ in range(warmup):
+            fn()
+        sync()
+        tick = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync()
+        return (time.perf_counter() - tick) / steps * 1000
+
+    batches = iter(loader)
+    step_ms = ms_per_call(lambda: train_step(run_student, run_peer, optimizers,
+                                             ready_views(next(batches)[0], cfg, device), cfg))
+    make_views = lambda: ready_views(torch.stack([data[i][0] for i in range(local)]), cfg, device)
+    data_ms = ms_per_call(make_views)
+    views = make_views()
+    model_only_ms = ms_per_call(lambda: train_step(run_student, run_peer, optimizers, views, cfg))
+    z = [torch.randn(local, cfg.proj_dim, device=device, requires_grad=True) for _ in range(4)]
+
+    def losses():
+        loss = nt_xent(z[0], z[1], cfg.temperature)
+        if peer is not None:
+            loss = (loss + cfg.kd_weight * dogo_kl(*z, cfg.kd_temperature) + nt_xent(z[2], z[3], cfg.temperature)
+                    + cfg.peer_kd_weight * dogo_kl(z[2], z[3], z[0], z[1], cfg.kd_temperature))
+        loss.backward()
+    loss_ms = ms_per_call(losses)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
+    result = dict(images_per_s=round(cfg.batch_size / step_ms * 1000, 1), step_ms=round(step_ms, 1),
+                  model_only_ms=round(model_only_ms, 1), loss_ms=round(loss_ms, 2), data_ms=round(data_ms, 1),
+                  peak_mem_mb=round(peak / 2 ** 20), device=f"{world} x {device.type}" if world > 1 else str(device))
+    if rank == 0:
+        print(f"{cfg.arch} + peer {cfg.peer}, batch {cfg.batch_size} at {cfg.img_size} px: {warmup} warm-up "
+              f"and {steps} timed calls of each part\nbenchmark: {json.dumps(result)}", flush=True)
+    return result
+
+
 def train(cfg, given=frozenset()):
     """Train cfg.arch with its peer (or alone, with --peer none); returns (student, peer).
-    `given`: the names of the flags set on the command line, which override a resumed config."""
+    `given`: the names of the flags set on the command line, which override a resumed config.
+    Under torchrun every process runs this; only process 0 prints and writes files."""
     cfg, ckpt = resolve_config(cfg, given)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    rank, world, device = init_distributed(cfg)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once
+    if cfg.benchmark:
+        return benchmark(cfg, rank, world, device)
     base = load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size)
-    data = Views(base, ssl_augmentation(cfg.img_size, cfg.dataset), 2 if cfg.peer == "none" else 4)
+    data = ssl_views(base, cfg)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
@@ -686,52 +912,54 @@ def train(cfg, given=frozenset()):
     total_steps = cfg.epochs * steps_per_epoch
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    student, peer = build_networks(cfg)
-    networks = [n.to(device) for n in (student, peer) if n is not None]
-    optimizers = build_optimizers(networks, cfg)
-    step = restore(ckpt, networks, optimizers, cfg, device) if ckpt else 0
-
+    student, peer, optimizers, step, (run_student, run_peer) = build_training(cfg, device, world, ckpt)
+    if rank:  # other augmentations in each process (the weights stay in step through DDP)
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0]))
+    loader = make_loader(data, cfg, device, rank, world, step)
     os.makedirs(cfg.out_dir, exist_ok=True)
     paths = {k: os.path.join(cfg.out_dir, k) for k in ("checkpoint.pt", "metrics.csv", "losses.png")}
+    say = print if rank == 0 else lambda *args, **kwargs: None
     if ckpt is None and os.path.exists(paths["checkpoint.pt"]):
-        print(f"note: {cfg.out_dir} holds an earlier run, which this one replaces "
-              f"(to continue it instead: --resume {paths['checkpoint.pt']})")
+        say(f"note: {cfg.out_dir} holds an earlier run, which this one replaces "
+            f"(to continue it instead: --resume {paths['checkpoint.pt']})")
     rows = read_metrics(paths["metrics.csv"], step)
     pair = cfg.arch if cfg.peer == "none" else f"{cfg.arch} + peer {cfg.peer}"
-    print(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
-          f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
-          f"device {device}, out-dir {cfg.out_dir}", flush=True)
+    where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
+    say(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
+        f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
+        f"{where}, out-dir {cfg.out_dir}", flush=True)
     if step >= total_steps:
-        print(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
+        say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
 
     progress = Progress(paths["metrics.csv"], rows, cfg.batch_size, total_steps, cfg.epochs)
+    stop = False
     with StopOnCtrlC() as ctrl_c:
-        for net in networks:
-            net.train()
-        while step < total_steps and not ctrl_c.requested:
+        while step < total_steps and not stop:
             epoch = step // steps_per_epoch
-            for views, _ in make_loader(data, cfg, epoch, step % steps_per_epoch, device):
+            loader.sampler.start(epoch, skip=step % steps_per_epoch * (cfg.batch_size // world))
+            for batch, _ in loader:
                 try:
-                    views = views.to(device, non_blocking=True)  # pinned memory: overlaps the copy
-                    progress.add(train_step(student, peer, optimizers, views, cfg))
+                    views = ready_views(batch, cfg, device)
+                    progress.add(train_step(run_student, run_peer, optimizers, views, cfg))
                 except NonFiniteLoss as err:  # the checkpoint on disk is the last good state
                     raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before "
                                         f"updating the weights or the checkpoint; try a lower --lr") from None
                 step += 1
-                if step % cfg.log_every == 0 or step == total_steps or ctrl_c.requested:
+                stop = any_process(ctrl_c.requested, device)
+                if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or stop):
                     progress.log(epoch + 1, step)
-                if step == total_steps or ctrl_c.requested:
+                if step == total_steps or stop:
                     break
-            # end of an epoch, of the run, or Ctrl-C
-            save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers,
-                            epoch=step // steps_per_epoch)
-            plot_losses(progress.rows, paths["losses.png"])
-    if ctrl_c.requested:
-        print(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "
-              f"python dogo.py --resume {paths['checkpoint.pt']}")
+            if rank == 0:  # end of an epoch, of the run, or Ctrl-C
+                save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers,
+                                epoch=step // steps_per_epoch)
+                plot_losses(progress.rows, paths["losses.png"])
+    if stop:
+        say(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "
+            f"python dogo.py --resume {paths['checkpoint.pt']}")
         raise KeyboardInterrupt
-    print(f"done: {paths['checkpoint.pt']}, {paths['metrics.csv']}, {paths['losses.png']}")
+    say(f"done: {paths['checkpoint.pt']}, {paths['metrics.csv']}, {paths['losses.png']}")
     return student, peer
 
 
@@ -740,10 +968,15 @@ def main(argv=None):
         cfg, given = parse_flags(Config, argv)
         train(cfg, given)
     except (UsageError, NonFiniteLoss) as err:
+        if int(os.environ.get("RANK", 0)):  # torchrun stops all processes when the first one
+            time.sleep(5)                   # ends: let process 0 say it, once, when all agree
         print(f"dogo.py: error: {err}", file=sys.stderr)
         sys.exit(2 if isinstance(err, UsageError) else 1)
     except KeyboardInterrupt:
         sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

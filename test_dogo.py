@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import nbformat
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from nbclient import NotebookClient
 from PIL import Image
@@ -156,8 +158,8 @@ def test_cifar_stem_keeps_resolution_and_feature_sizes(arch, features):
     stem = net.encoder.maxpool(net.encoder.relu(net.encoder.bn1(net.encoder.conv1(x))))
     assert stem.shape[-2:] == (32, 32)
     assert net.feature_dim == features and net.encoder(x).shape == (2, features)
-    z = net(x)
-    assert z.shape == (2, 128) and torch.allclose(z.norm(dim=1), torch.ones(2))
+    z, prediction = net(x)
+    assert z.shape == (2, 128) and prediction is None
 
 
 def test_large_images_keep_the_imagenet_stem_and_the_asked_depth():
@@ -222,8 +224,8 @@ def test_one_backward_gives_each_network_the_gradient_of_its_own_loss():
     cfg, student, peer, _ = tiny_pair()
     views = torch.randn(6, 4, 3, 16, 16)
     student.eval(), peer.eval()  # fixed BatchNorm statistics: the same function in every pass
-    z1, z2 = student(torch.cat([views[:, 0], views[:, 1]])).chunk(2)
-    p1, p2 = peer(torch.cat([views[:, 2], views[:, 3]])).chunk(2)
+    z1, z2 = student.project(torch.cat([views[:, 0], views[:, 1]])).chunk(2)
+    p1, p2 = peer.project(torch.cat([views[:, 2], views[:, 3]])).chunk(2)
     own = dogo.nt_xent(z1, z2, 0.5) + cfg.kd_weight * dogo.dogo_kl(z1, z2, p1, p2, 0.1)
     expected = torch.autograd.grad(own, student.head[-1].weight)[0]
     recorder = torch.optim.SGD(student.parameters(), lr=0.0)  # lr 0: keep the weights, read .grad
@@ -414,6 +416,135 @@ def test_help_documents_every_flag_with_its_default_and_choices():
         assert "--" + f.name.replace("_", "-") in text
     assert "(default: 256)" in text and "100/256" in text
     assert all(arch in text for arch in dogo.ARCHS) and "simsiam" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes (torchrun): gloo on this CPU
+# ------------------------------------------------------------------------------------------------
+def run_two_processes(fn, *args):
+    """fn(rank, *args) in two processes joined by gloo, as torchrun would start them on a CPU."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_join_and_run, args=(port, fn, args), nprocs=2)
+
+
+def _join_and_run(rank, port, fn, args):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+LOSSES = {  # each loss as a function of four (N, d) inputs
+    "nt_xent": lambda z1, z2, q1, q2: dogo.nt_xent(z1, z2, 0.5),
+    "dogo_kl": lambda z1, z2, q1, q2: dogo.dogo_kl(z1, z2, q1, q2, 0.1),
+    "simsiam": lambda z1, z2, q1, q2: dogo.simsiam_loss(z1, z2, q1, q2),
+}
+
+
+def value_and_gradients(loss, inputs):
+    value = loss(*inputs)
+    return value.detach(), torch.autograd.grad(value, inputs, allow_unused=True)
+
+
+def _losses_on_this_process_s_half(rank, inputs, out):
+    mine = [x.chunk(2)[rank].clone().requires_grad_() for x in inputs]
+    torch.save({name: value_and_gradients(loss, mine) for name, loss in LOSSES.items()}, f"{out}/{rank}.pt")
+
+
+def test_distributed_losses_and_gradients_equal_one_process_with_the_whole_batch(tmp_path):
+    inputs = [x.float() for x in random_projections(n=8, d=5, count=4, seed=3)]
+    run_two_processes(_losses_on_this_process_s_half, inputs, str(tmp_path))
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        for name, loss in LOSSES.items():
+            value, gradients = value_and_gradients(loss, [x.clone().requires_grad_() for x in inputs])
+            assert got[name][0].item() == pytest.approx(value.item(), abs=1e-5), name
+            for whole, half in zip(gradients, got[name][1]):
+                if whole is None:  # a stop-gradient input: none on either side
+                    assert half is None, name
+                else:  # the rows of this process's images
+                    assert torch.allclose(half, whole.chunk(2)[rank], atol=1e-5), name
+
+
+def _ddp_train_step(rank, views, out):
+    cfg, student, peer = fixed_pair()
+    recorders = [torch.optim.SGD(n.parameters(), lr=0.0) for n in (student, peer)]  # lr 0: keep .grad
+    ddp = [torch.nn.parallel.DistributedDataParallel(n) for n in (student, peer)]
+    dogo.train_step(*ddp, recorders, views.chunk(2)[rank], cfg)
+    torch.save([p.grad for n in (student, peer) for p in n.parameters()], f"{out}/{rank}.pt")
+
+
+def fixed_pair():
+    """Two small networks with fixed BatchNorm statistics: the same function on any share of a batch."""
+    torch.manual_seed(0)
+    cfg = dogo.Config(arch="wrn10_2", peer="wrn10_2", img_size=8, proj_dim=8)
+    student, peer = dogo.build_networks(cfg)
+    return cfg, student.eval(), peer.eval()
+
+
+def test_distributed_train_step_gives_the_weights_the_whole_batch_s_gradient(tmp_path):
+    """Through DDP, which averages over processes: the gradients are those of one process."""
+    views = torch.randn(8, 4, 3, 8, 8)
+    run_two_processes(_ddp_train_step, views, str(tmp_path))
+    cfg, student, peer = fixed_pair()
+    recorders = [torch.optim.SGD(n.parameters(), lr=0.0) for n in (student, peer)]
+    dogo.train_step(student, peer, recorders, views, cfg)
+    expected = [p.grad for n in (student, peer) for p in n.parameters()]
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-6) for g, e in zip(got, expected))
+
+
+def test_distributed_order_splits_each_global_batch_between_the_processes():
+    data, cfg = list(range(40)), dogo.Config(seed=1)
+    one = dogo.EpochOrder(data, cfg.seed)
+    one.start(epoch=2)
+    halves = [dogo.EpochOrder(data, cfg.seed, rank, 2) for rank in (0, 1)]
+    for half in halves:
+        half.start(epoch=2, skip=8)  # resumed after 2 global batches of 8: 2 x 4 images done here
+    order, shares = list(one), [list(h) for h in halves]
+    assert sorted(order) == data and all(len(s) == len(h) == 12 for s, h in zip(shares, halves))
+    for k in range(2, 5):  # the k-th batch of 4 per process, both together: the k-th global batch
+        assert sorted(shares[0][(k - 2) * 4:(k - 1) * 4] + shares[1][(k - 2) * 4:(k - 1) * 4]) == \
+            sorted(order[k * 8:(k + 1) * 8])
+
+
+def torchrun(*args):
+    """`torchrun --standalone --nproc_per_node=2 dogo.py ...`, the launcher run as a module."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, "dogo.py"), *args], cwd=HERE, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_distributed_torchrun_trains_writes_once_and_resumes(tmp_path):
+    out = str(tmp_path / "run")
+    result = torchrun(*TINY, "--max-steps", "3", "--out-dir", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("DoGo:") == 1 and "2 processes on cpu" in result.stdout  # process 0 alone
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "losses.png", "metrics.csv"]
+    assert [r["step"] for r in read_metrics(out)] == ["1", "2", "3"]
+    resumed = torchrun("--resume", os.path.join(out, "checkpoint.pt"), "--max-steps", "5")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 5
+    assert [r["step"] for r in read_metrics(out)] == ["1", "2", "3", "4", "5"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch-size", "7"], "--batch-size 7 does not split evenly over 2 processes"),
+    (["--sync-bn"], "--sync-bn needs GPUs"),
+])
+def test_distributed_impossible_settings_are_one_line_and_exit_2(args, message, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun tells process 0 of 2
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(SystemExit) as stop:
+        dogo.main([*TINY, "--device", "cpu", *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------------

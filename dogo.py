@@ -20,32 +20,28 @@ Usage:
 Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt. Evaluate with eval_linear.py.
 File layout, in the paper's order: config, data and augmentations, networks, losses, training.
 """
-import argparse
-import csv
 import dataclasses
-import itertools
 import json
 import os
-import resource
-import signal
 import sys
 import time
 from collections import namedtuple
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-
-class UsageError(Exception):
-    """A problem the user can fix (a flag, a path, missing data): reported as one line, exit 2."""
+from runtime import (EpochOrder, Progress, StopOnCtrlC, SyntheticShapes, UsageError, any_process,
+                     batch_ssl_augmentation, check_flags, flag, gather, ignore_ctrl_c, init_distributed,
+                     parse_flags, peak_memory_mb, plot_losses, read_metrics, summed_over_processes,
+                     time_calls, world_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,12 +63,6 @@ DATASETS = {
     "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
     "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
 }
-
-
-def flag(default, help, choices=None, **bounds):
-    """A config field: its default, its documentation (the flag's help) and its valid values:
-    choices, or bounds among at_least, above, at_most, below."""
-    return field(default=default, metadata=dict(help=help, choices=choices, bounds=bounds))
 
 
 @dataclass
@@ -134,115 +124,15 @@ class Config:
 FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 
 
-def parse_flags(config_class, argv=None, prog="dogo.py"):
-    """An instance of a config dataclass from command-line flags, and the names of the flags
-    actually given. The flags are generated from the fields: each flag's help is the field's
-    documentation."""
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line naming the problem, no usage dump
-            raise UsageError(f"{message} (see python {prog} --help)")
-
-    # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
-    parser = Parser(prog=prog, description=sys.modules[config_class.__module__].__doc__.split("\n")[0],
-                    argument_default=argparse.SUPPRESS)
-    for f in dataclasses.fields(config_class):
-        choices = f.metadata["choices"]
-        choices = f" ({' | '.join(c or repr(c) for c in choices)})" if choices else ""
-        default = "" if f.default is None else f" (default: {f.default!r})"  # None: told in the help
-        kind = (dict(action=argparse.BooleanOptionalAction) if f.type is bool  # --amp and --no-amp
-                else dict(type=f.type, metavar=f.type.__name__.upper()))
-        parser.add_argument("--" + f.name.replace("_", "-"), help=f"{f.metadata['help']}{choices}{default}", **kind)
-    given = vars(parser.parse_args(argv))
-    return config_class(**given), set(given)
-
-
-BOUNDS = {"at_least": (float.__ge__, "at least"), "above": (float.__gt__, "above"),
-          "at_most": (float.__le__, "at most"), "below": (float.__lt__, "below")}
-
-
-def check_flags(cfg):
-    """Refuse values outside a config's choices and bounds, naming the flag and what it takes."""
-    for f in dataclasses.fields(cfg):
-        value, name = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        choices = f.metadata["choices"]
-        if choices and value not in choices:
-            raise UsageError(f"{name} {value!r} is unknown; choose one of "
-                             f"{', '.join(c or repr(c) for c in choices)}")
-        for bound, limit in f.metadata["bounds"].items():
-            holds, words = BOUNDS[bound]
-            if not holds(float(value), float(limit)):
-                raise UsageError(f"{name} must be {words} {limit}, got {value}")
-
-
 def config_from_checkpoint(ckpt):
     """The Config a checkpoint was trained with (fields unknown to this version are dropped)."""
     known = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
 
 
-def pick_device(name):
-    """'auto' means CUDA when there is a GPU, else CPU."""
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
-    return device
-
-
 # ------------------------------------------------------------------------------------------------
 # Data and augmentations
 # ------------------------------------------------------------------------------------------------
-class SyntheticShapes(Dataset):
-    """A small labelled image dataset made in memory, deterministic for a given split and size.
-
-    Ten classes: five shapes (disk, square, triangle, ring, cross) and five textures (horizontal,
-    vertical and diagonal stripes, checkerboard, dots), each under a random foreground and
-    background colour, position, scale (or period) and a little pixel noise. A network has to
-    learn shape and texture, since colour and position carry no information about the class.
-    Items are (uint8 tensor 3 x S x S, label), as torchvision datasets give (PIL image, label).
-    """
-    classes = ("disk", "square", "triangle", "ring", "cross",
-               "hstripes", "vstripes", "diagonal", "checker", "dots")
-
-    def __init__(self, size=2000, img_size=32, train=True):
-        rng = np.random.default_rng(0 if train else 1)  # disjoint train and test images
-        self.targets = [i % len(self.classes) for i in range(size)]
-        self.images = torch.from_numpy(np.stack([self._draw(c, img_size, rng) for c in self.targets]))
-
-    @staticmethod
-    def _draw(label, s, rng):
-        y, x = np.mgrid[0:s, 0:s] / s                    # pixel centres in [0, 1)
-        cx, cy = rng.uniform(0.3, 0.7, size=2)
-        r = rng.uniform(0.15, 0.35)                      # shape radius, as a fraction of the image
-        period = rng.uniform(0.12, 0.3)                  # texture period, likewise
-        phase = rng.uniform(0, 1)
-        dx, dy = x - cx, y - cy
-        masks = [
-            dx ** 2 + dy ** 2 < r ** 2,                                          # disk
-            np.maximum(abs(dx), abs(dy)) < r * 0.8,                              # square
-            (dy < r * 0.7) & (dy > 2 * abs(dx) - r),                             # triangle
-            abs(np.sqrt(dx ** 2 + dy ** 2) - r * 0.8) < r * 0.25,                # ring
-            (np.minimum(abs(dx), abs(dy)) < r * 0.3) & (np.maximum(abs(dx), abs(dy)) < r),  # cross
-            (y / period + phase) % 1 < 0.5,                                      # hstripes
-            (x / period + phase) % 1 < 0.5,                                      # vstripes
-            ((x + y) / period + phase) % 1 < 0.5,                                # diagonal
-            ((x / period + phase) % 1 < 0.5) ^ ((y / period + phase) % 1 < 0.5),  # checker
-            ((x / period + phase) % 1 - 0.5) ** 2 + ((y / period + phase) % 1 - 0.5) ** 2 < 0.09,
-        ]
-        fg, bg = rng.uniform(0, 1, size=(2, 3, 1, 1))
-        bg = np.where(abs(fg - bg) < 0.3, 1 - fg, bg)    # keep foreground and background apart
-        img = np.where(masks[label], fg, bg) + rng.normal(0, 0.03, size=(3, s, s))
-        return (np.clip(img, 0, 1) * 255).astype(np.uint8)
-
-    def __len__(self):
-        return len(self.targets)
-
-    def __getitem__(self, i):
-        return self.images[i], self.targets[i]
 
 
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
@@ -442,51 +332,8 @@ def build_networks(cfg):
 
 
 # ------------------------------------------------------------------------------------------------
-# Losses: pure functions of the projections
-#
-# Under torchrun each process holds N / world of the batch's images. The losses gather every
-# process's projections, so that each anchor still meets all 2N - 2 negatives of the global
-# batch, and return the same value, with the same gradients for this process's rows, as one
-# process holding the whole batch would. Without torchrun the gathers do nothing.
+# Losses: pure functions of the projections (gathered over processes under torchrun: runtime.py)
 # ------------------------------------------------------------------------------------------------
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-class GatherWithGrad(torch.autograd.Function):
-    """all_gather that carries gradients back: every process's rows, stacked in rank order."""
-
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every process's loss reaches this process's rows: their gradient is the sum of the
-        # gradients that all processes computed for them.
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather(x):
-    """(n, ...) on each process -> (world * n, ...), this process's rows at rank * n."""
-    return GatherWithGrad.apply(x) if dist.is_initialized() else x
-
-
-def summed_over_processes(part):
-    """A loss from its per-process parts: the value is the sum over processes; the gradient is
-    this part's own, which through `gather` already holds every part's dependence on this
-    process's rows."""
-    if not dist.is_initialized():
-        return part
-    total = part.detach().clone()
-    dist.all_reduce(total)
-    return part + (total - part.detach())
-
-
 def nt_xent(z1, z2, temperature=0.5):
     r"""SimCLR's NT-Xent loss over the 2N views of one network (Chen et al. 2020, eq. 1).
 
@@ -614,58 +461,17 @@ def train_step(student, peer, optimizers, views, cfg):
     return {k: v.item() for k, v in terms.items()}
 
 
-def _ignore_sigint(worker_id):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-
-
-class EpochOrder(DistributedSampler):
-    """This process's share of each epoch's order, which (seed, epoch) fix. Process r of W takes
-    positions r, r + W, r + 2W, ...: the k-th batches of all processes together hold the images of
-    the k-th batch of one process, so the global batches do not depend on W. start(epoch, skip)
-    skips the first images of this share, those that a resumed run has already trained on."""
-
-    def __init__(self, data, seed, rank=0, world=1):
-        super().__init__(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def start(self, epoch, skip=0):
-        self.set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
-
-    def __len__(self):
-        return super().__len__() - self.skip
-
-
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
     """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip)
     before each epoch. Its worker processes live for the whole run (persistent_workers): no start-up
     cost per epoch. step: where the run starts, so that a resumed run draws new augmentations."""
     worker_seed = int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0])
-    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
+    order = EpochOrder(data, cfg.seed * 100003, rank, world)
+    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=order,
                       drop_last=True,  # every step has the same number of negatives
                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                       pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
-                      generator=torch.Generator().manual_seed(worker_seed), worker_init_fn=_ignore_sigint)
-
-
-class StopOnCtrlC:
-    """First Ctrl-C: finish the current step, save, and exit. A second Ctrl-C aborts at once."""
-    requested = False
-
-    def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, *_):
-        self.requested = True
-        print("\nCtrl-C: saving after this step (Ctrl-C again aborts without saving)", flush=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    def __exit__(self, *_):
-        signal.signal(signal.SIGINT, self.previous)
+                      generator=torch.Generator().manual_seed(worker_seed), worker_init_fn=ignore_ctrl_c)
 
 
 def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0):
@@ -695,64 +501,6 @@ def load_checkpoint(path, flag="--resume"):
     if not isinstance(ckpt, dict) or not {"config", "step", "student", "peer"} <= ckpt.keys():
         raise UsageError(f"{flag} {path}: not a dogo.py checkpoint (missing its config or networks)")
     return ckpt
-
-
-class Progress:
-    """Averages the loss terms over each --log-every interval; prints one line per interval and
-    keeps the same numbers as the rows of metrics.csv, rewritten whole (and atomically) each time."""
-
-    def __init__(self, csv_path, rows, batch_size, total_steps, epochs):
-        self.csv_path, self.rows, self.batch_size = csv_path, rows, batch_size
-        self.total_steps, self.epochs = total_steps, epochs
-        self.sums, self.count, self.tick = {}, 0, time.time()
-
-    def add(self, terms):
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def log(self, epoch, step):
-        speed = self.count * self.batch_size / (time.time() - self.tick)
-        self.rows.append({"epoch": epoch, "step": step, **{k: v / self.count for k, v in self.sums.items()},
-                          "images_per_s": speed})
-        with open(self.csv_path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[-1]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(self.csv_path + ".tmp", self.csv_path)
-        eta = (self.total_steps - step) * self.batch_size / speed
-        terms = " ".join(f"{k} {v / self.count:.4f}" for k, v in self.sums.items())
-        print(f"epoch {epoch}/{self.epochs} step {step}/{self.total_steps} | {terms} | "
-              f"{speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
-        self.sums, self.count, self.tick = {}, 0, time.time()
-
-
-def read_metrics(csv_path, until_step):
-    """The rows of metrics.csv up to until_step: a resumed run drops the rows logged after its
-    checkpoint (steps that a crash lost); a new run (step 0) starts with none."""
-    if until_step == 0 or not os.path.exists(csv_path):
-        return []
-    with open(csv_path, newline="") as f:
-        return [r for r in csv.DictReader(f) if int(r["step"]) <= until_step]
-
-
-def plot_losses(rows, png_path):
-    """losses.png from the rows of metrics.csv: each network's SSL term, and each one's KL term."""
-    from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebooks alone
-    if not rows:
-        return
-    steps = [int(r["step"]) for r in rows]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    for ax, term in zip(fig.subplots(1, 2), ("ssl", "kl")):
-        for key, who in ((term, "student"), (f"{term}_peer", "peer")):
-            if key in rows[0]:
-                ax.plot(steps, [float(r[key]) for r in rows], label=who,
-                        marker="o" if len(rows) < 30 else None)  # a lone point shows too
-        ax.set(title={"ssl": "SSL loss", "kl": "KL to the peer"}[term], xlabel="step", ylabel="loss")
-        if ax.lines:
-            ax.legend()
-    fig.savefig(png_path + ".tmp.png")
-    os.replace(png_path + ".tmp.png", png_path)
 
 
 def resolve_config(cfg, given=frozenset()):
@@ -792,26 +540,6 @@ def restore(ckpt, networks, optimizers, cfg, device):
     return ckpt["step"]
 
 
-def init_distributed(cfg):
-    """(rank, world size, device). torchrun starts the processes and tells each its RANK,
-    LOCAL_RANK and WORLD_SIZE; they join one process group: NCCL between GPUs (one GPU per
-    process), gloo on CPU. A plain `python dogo.py` is process 0 of 1."""
-    device = pick_device(cfg.device)
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    world = int(os.environ["WORLD_SIZE"])
-    if cfg.batch_size % world:
-        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
-                         f"give a multiple of {world} (it is the global batch, over all processes)")
-    if cfg.sync_bn and device.type != "cuda":
-        raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU; drop the flag")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
-
-
 def build_training(cfg, device, world, ckpt=None):
     """(student, peer, optimisers, step to start from, runners). The runners are what train_step
     calls: the same networks, wrapped by DDP under torchrun and compiled with --compile."""
@@ -830,15 +558,6 @@ def build_training(cfg, device, world, ckpt=None):
     return student, peer, optimizers, step, (runners + [None])[:2]
 
 
-def any_process(flag, device):
-    """True on every process when it is True on one: all must stop at the same step."""
-    if not dist.is_initialized():
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
-
-
 def benchmark(cfg, rank, world, device, warmup=3):
     """--benchmark: where the time of a training step goes, measured on synthetic images. Prints
     (process 0) `benchmark: {json}` with images_per_s (images, not views, of the global batch),
@@ -853,18 +572,7 @@ def benchmark(cfg, rank, world, device, warmup=3):
     loader = make_loader(data, cfg, device, rank, world)
     loader.sampler.start(0)
     local = cfg.batch_size // world
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-
-    def ms_per_call(fn):  # the mean over `steps` calls, after `warmup` untimed ones
-        for _ in range(warmup):
-            fn()
-        sync()
-        tick = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        sync()
-        return (time.perf_counter() - tick) / steps * 1000
-
+    ms_per_call = lambda fn: time_calls(fn, calls=steps, warmup=warmup, device=device)
     batches = iter(loader)
     step_ms = ms_per_call(lambda: train_step(run_student, run_peer, optimizers,
                                              ready_views(next(batches)[0], cfg, device), cfg))
@@ -874,18 +582,17 @@ def benchmark(cfg, rank, world, device, warmup=3):
     model_only_ms = ms_per_call(lambda: train_step(run_student, run_peer, optimizers, views, cfg))
     z = [torch.randn(local, cfg.proj_dim, device=device, requires_grad=True) for _ in range(4)]
 
-    def losses():
+    def losses():  # train_step's four terms (two with --peer none), as if both peers used SimCLR
         loss = nt_xent(z[0], z[1], cfg.temperature)
         if peer is not None:
             loss = (loss + cfg.kd_weight * dogo_kl(*z, cfg.kd_temperature) + nt_xent(z[2], z[3], cfg.temperature)
                     + cfg.peer_kd_weight * dogo_kl(z[2], z[3], z[0], z[1], cfg.kd_temperature))
         loss.backward()
     loss_ms = ms_per_call(losses)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux reports KiB
-    result = dict(images_per_s=round(cfg.batch_size / step_ms * 1000, 1), step_ms=round(step_ms, 1),
-                  model_only_ms=round(model_only_ms, 1), loss_ms=round(loss_ms, 2), data_ms=round(data_ms, 1),
-                  peak_mem_mb=round(peak / 2 ** 20), device=f"{world} x {device.type}" if world > 1 else str(device))
+    result = dict(images_per_s=cfg.batch_size / step_ms * 1000, step_ms=step_ms, model_only_ms=model_only_ms,
+                  loss_ms=loss_ms, data_ms=data_ms, peak_mem_mb=peak_memory_mb(device))
+    result = {k: round(v, 2) for k, v in result.items()}
+    result["device"] = f"{world} x {device.type}" if world > 1 else str(device)
     if rank == 0:
         print(f"{cfg.arch} + peer {cfg.peer}, batch {cfg.batch_size} at {cfg.img_size} px: {warmup} warm-up "
               f"and {steps} timed calls of each part\nbenchmark: {json.dumps(result)}", flush=True)
@@ -934,7 +641,7 @@ def train(cfg, given=frozenset()):
 
     progress = Progress(paths["metrics.csv"], rows, cfg.batch_size, total_steps, cfg.epochs)
     stop = False
-    with StopOnCtrlC() as ctrl_c:
+    with StopOnCtrlC(quiet=rank > 0) as ctrl_c:
         while step < total_steps and not stop:
             epoch = step // steps_per_epoch
             loader.sampler.start(epoch, skip=step % steps_per_epoch * (cfg.batch_size // world))

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 import dogo
-from dogo import UsageError
+from runtime import UsageError, check_flags, flag, parse_flags, pick_device
 
 
 # ------------------------------------------------------------------------------------------------
@@ -43,47 +43,47 @@ from dogo import UsageError
 @dataclass
 class EvalConfig:
     # what to evaluate
-    checkpoint: str = dogo.flag("", "checkpoint.pt written by dogo.py, or 'random': an untrained "
-                                    "encoder, the floor that every self-supervised result must beat")
-    network: str = dogo.flag("student", "the checkpoint's --arch network, or its peer", ("student", "peer"))
-    arch: str = dogo.flag("", "architecture for --checkpoint random ('' = resnet18); a checkpoint "
-                              "names its own", ("",) + dogo.ARCHS)
-    img_size: int = dogo.flag(0, "input size for --checkpoint random (0 = the dataset's own); a "
-                                 "checkpoint's encoder always sees the size it was trained at", at_least=0)
+    checkpoint: str = flag("", "checkpoint.pt written by dogo.py, or 'random': an untrained "
+                               "encoder, the floor that every self-supervised result must beat")
+    network: str = flag("student", "the checkpoint's --arch network, or its peer", ("student", "peer"))
+    arch: str = flag("", "architecture for --checkpoint random ('' = resnet18); a checkpoint "
+                         "names its own", ("",) + dogo.ARCHS)
+    img_size: int = flag(0, "input size for --checkpoint random (0 = the dataset's own); a "
+                            "checkpoint's encoder always sees the size it was trained at", at_least=0)
     # data
-    dataset: str = dogo.flag("", "'' = the checkpoint's (cifar10 for random); any other is an "
-                                 "out-of-distribution evaluation", ("",) + tuple(dogo.DATASETS))
-    data_dir: str = dogo.flag("", "'' = the checkpoint's --data-dir (./data for random); for "
-                                  "imagefolder, a folder with train/ and test/ or val/")
-    synthetic_size: int = dogo.flag(0, "images in the synthetic training split (test: a quarter); "
-                                       "0 = the checkpoint's (2000 for random)", at_least=0)
+    dataset: str = flag("", "'' = the checkpoint's (cifar10 for random); any other is an "
+                            "out-of-distribution evaluation", ("",) + tuple(dogo.DATASETS))
+    data_dir: str = flag("", "'' = the checkpoint's --data-dir (./data for random); for "
+                             "imagefolder, a folder with train/ and test/ or val/")
+    synthetic_size: int = flag(0, "images in the synthetic training split (test: a quarter); "
+                                  "0 = the checkpoint's (2000 for random)", at_least=0)
     # protocol
-    protocol: str = dogo.flag("linear", "linear: a linear classifier on frozen features; knn: "
-                                        "weighted k-nearest neighbours on frozen features; finetune: "
-                                        "encoder and a new head trained together",
-                              ("linear", "knn", "finetune"))
-    label_fraction: float = dogo.flag(1.0, "share of the labelled training images kept, stratified "
-                                           "by class (the paper: 0.01 and 0.1)", above=0, at_most=1)
-    label_noise: float = dogo.flag(0.0, "share of the kept training labels changed to a wrong class",
-                                   at_least=0, below=1)
-    noise_type: str = dogo.flag("symmetric", "symmetric: to any other class; asymmetric: to a similar "
-                                             "one (CIFAR-10's standard pairs, class c -> c+1 elsewhere)",
-                                ("symmetric", "asymmetric"))
-    val_fraction: float = dogo.flag(0.15, "share of the kept training images held out to choose the "
-                                          "epoch (linear, finetune); 0.15 as in the authors' code",
-                                    at_least=0, below=1)
+    protocol: str = flag("linear", "linear: a linear classifier on frozen features; knn: "
+                                   "weighted k-nearest neighbours on frozen features; finetune: "
+                                   "encoder and a new head trained together",
+                         ("linear", "knn", "finetune"))
+    label_fraction: float = flag(1.0, "share of the labelled training images kept, stratified "
+                                      "by class (the paper: 0.01 and 0.1)", above=0, at_most=1)
+    label_noise: float = flag(0.0, "share of the kept training labels changed to a wrong class",
+                              at_least=0, below=1)
+    noise_type: str = flag("symmetric", "symmetric: to any other class; asymmetric: to a similar "
+                                        "one (CIFAR-10's standard pairs, class c -> c+1 elsewhere)",
+                           ("symmetric", "asymmetric"))
+    val_fraction: float = flag(0.15, "share of the kept training images held out to choose the "
+                                     "epoch (linear, finetune); 0.15 as in the authors' code",
+                               at_least=0, below=1)
     # optimisation
-    epochs: int = dogo.flag(100, "epochs of training the classifier (linear) or the whole network "
-                                 "(finetune); knn trains nothing", at_least=1)
-    batch_size: int = dogo.flag(256, "images (or feature vectors) per step", at_least=1)
-    lr: float = dogo.flag(0.0, "Adam learning rate; 0 = 1e-3 for linear, 3e-4 for finetune", at_least=0)
+    epochs: int = flag(100, "epochs of training the classifier (linear) or the whole network "
+                            "(finetune); knn trains nothing", at_least=1)
+    batch_size: int = flag(256, "images (or feature vectors) per step", at_least=1)
+    lr: float = flag(0.0, "Adam learning rate; 0 = 1e-3 for linear, 3e-4 for finetune", at_least=0)
     # running
-    workers: int = dogo.flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
-                             "cores, up to 8); 0 loads in the main process", at_least=0)
-    device: str = dogo.flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
-    seed: int = dogo.flag(0, "seed for the label subset, the noise, the validation split and training")
-    results: str = dogo.flag("", "JSON-lines file that each run appends to; '' = results.jsonl "
-                                 "beside the checkpoint (in the current folder for random)")
+    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
+                        "cores, up to 8); 0 loads in the main process", at_least=0)
+    device: str = flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+    seed: int = flag(0, "seed for the label subset, the noise, the validation split and training")
+    results: str = flag("", "JSON-lines file that each run appends to; '' = results.jsonl "
+                            "beside the checkpoint (in the current folder for random)")
 
 
 DEFAULT_LR = {"linear": 1e-3, "finetune": 3e-4}
@@ -91,7 +91,7 @@ DEFAULT_LR = {"linear": 1e-3, "finetune": 3e-4}
 
 def check_args(cfg):
     """Refuse values that cannot work: the flags' own choices and bounds, and their combinations."""
-    dogo.check_flags(cfg)
+    check_flags(cfg)
     if not cfg.checkpoint:
         raise UsageError("--checkpoint is missing; give a checkpoint.pt that dogo.py wrote, or random")
     if cfg.checkpoint == "random" and cfg.network == "peer":
@@ -191,9 +191,9 @@ def load_encoder(cfg):
     except (RuntimeError, TypeError, AttributeError):  # other shapes, or not weights at all
         raise UsageError(f"--checkpoint {cfg.checkpoint}: its {cfg.network} weights do not fit a "
                          f"{net.arch}; give a checkpoint.pt that dogo.py wrote") from None
-    for flag, given, own in (("--arch", cfg.arch, net.arch), ("--img-size", cfg.img_size, trained.img_size)):
+    for name, given, own in (("--arch", cfg.arch, net.arch), ("--img-size", cfg.img_size, trained.img_size)):
         if given and given != own:
-            raise UsageError(f"{flag} {given} differs from the checkpoint's {own}; drop {flag}, "
+            raise UsageError(f"{name} {given} differs from the checkpoint's {own}; drop {name}, "
                              f"which is for --checkpoint random")
     info = dict(arch=net.arch, feature_dim=net.feature_dim, img_size=trained.img_size,
                 trained_on=trained.dataset, step=ckpt["step"], data_dir=trained.data_dir,
@@ -554,7 +554,7 @@ def evaluate(cfg):
     """Run one evaluation as cfg describes it; print a summary, append its JSON line to
     --results, and return that line as a dict."""
     check_args(cfg)
-    device = dogo.pick_device(cfg.device)
+    device = pick_device(cfg.device)
     encoder, info = load_encoder(cfg)
     info.update(dataset=cfg.dataset or info["trained_on"] or "cifar10",
                 data_dir=cfg.data_dir or info["data_dir"],
@@ -604,7 +604,7 @@ def print_summary(r, path):
 def main(argv=None):
     """The command line; returns the result line as a dict, so that Python can drive it too."""
     try:
-        return evaluate(dogo.parse_flags(EvalConfig, argv, "eval_linear.py")[0])
+        return evaluate(parse_flags(EvalConfig, argv, "eval_linear.py")[0])
     except UsageError as err:
         print(f"eval_linear.py: error: {err}", file=sys.stderr)
         sys.exit(2)

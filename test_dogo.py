@@ -21,9 +21,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from nbclient import NotebookClient
 from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
 
 import dogo
 import eval_linear
+from runtime import (_gray, _random_blur, _shift_hue, batch_ssl_augmentation, color_jitter_grayscale,
+                     random_resized_crop_flip)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dataset", "synthetic", "--arch", "resnet18", "--peer", "resnet18", "--img-size", "8",
@@ -131,6 +135,52 @@ def test_kl_convention_converts_to_the_authors_reduction():
     authors = 100 * F.kl_div(p.log(), q, reduction="mean")
     assert (100 / n * dogo.dogo_kl(z1, z2, q1, q2, t)).item() == pytest.approx(authors.item(), rel=1e-9)
     assert dogo.Config().kd_weight == 100 / 256 and dogo.Config().peer_kd_weight == 1 / 256
+
+
+def plain_losses(z1, z2, q1, q2):
+    """The four loss terms of a DoGo step as bare matrix products of normalised projections, the
+    diagonal blanked in place: the floor that the real losses are measured against."""
+    a, b, c, d = (F.normalize(x, dim=1) for x in (z1, z2, q1, q2))
+    n = len(a)
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+
+    def ssl(x, y):
+        logits = torch.cat([x, y]) @ torch.cat([x, y]).T / 0.5
+        return F.cross_entropy(logits.fill_diagonal_(float("-inf")), positive)
+
+    log_p = lambda x, y: F.log_softmax(x @ y.T / 0.1, dim=1)
+    kl = lambda x, y, u, v: F.kl_div(log_p(x, y), log_p(u, v).detach(), reduction="batchmean", log_target=True)
+    return ssl(a, b) + ssl(c, d) + kl(a, b, c, d) + kl(c, d, a, b)
+
+
+def dogo_losses(z1, z2, q1, q2):
+    return (dogo.nt_xent(z1, z2, 0.5) + dogo.nt_xent(q1, q2, 0.5)
+            + dogo.dogo_kl(z1, z2, q1, q2, 0.1) + dogo.dogo_kl(q1, q2, z1, z2, 0.1))
+
+
+def saved_bytes_and_seconds(losses, inputs):
+    """Bytes that autograd keeps for the backward pass, and the time of forward and backward."""
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    start = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = losses(*inputs)
+    loss.backward()
+    return saved, time.perf_counter() - start
+
+
+def test_losses_at_n_2048_cost_at_most_twice_a_plain_matrix_product():
+    inputs = [torch.randn(2048, 128, requires_grad=True) for _ in range(4)]
+    assert dogo_losses(*inputs).item() == pytest.approx(plain_losses(*inputs).item(), rel=1e-4)
+    runs = {f: [saved_bytes_and_seconds(f, inputs) for _ in range(2)] for f in (plain_losses, dogo_losses)}
+    memory, seconds = ({f: min(r[k] for r in runs[f]) for f in runs} for k in (0, 1))
+    assert memory[dogo_losses] <= 2 * memory[plain_losses], memory
+    assert seconds[dogo_losses] <= 2 * seconds[plain_losses], seconds
 
 
 def test_nt_xent_needs_no_n_by_n_by_d_tensor():
@@ -408,6 +458,52 @@ class Exploit:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.parametrize("args", [[], ["--gpu-augment"]])
+def test_benchmark_prints_where_the_time_goes(args, tmp_path):
+    result = run_script("dogo.py", "--benchmark", *TINY, "--max-steps", "2", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("benchmark: ")
+    figures = json.loads(last[len("benchmark: "):])
+    assert set(figures) == {"images_per_s", "step_ms", "model_only_ms", "loss_ms", "data_ms",
+                            "peak_mem_mb", "device"}
+    assert figures["device"] == "cpu" and all(v > 0 for k, v in figures.items() if k != "device")
+    assert figures["images_per_s"] == pytest.approx(8 / figures["step_ms"] * 1000, rel=0.01)  # batch 8
+    assert figures["loss_ms"] < figures["model_only_ms"]  # a part of the step
+    assert os.listdir(tmp_path) == []  # measures, trains nothing, writes nothing
+
+
+def test_amp_runs_the_networks_in_bfloat16_and_the_losses_in_float32():
+    torch.manual_seed(0)
+    net, x1, x2 = dogo.SSLNet("resnet18", 8, proj_dim=8), torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    seen = []
+    net.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    exact, _ = dogo.ssl_forward(net, x1, x2, 0.5, amp=False)
+    loss, (a, b) = dogo.ssl_forward(net, x1, x2, 0.5, amp=True)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert loss.dtype == a.dtype == b.dtype == torch.float32
+    assert loss.item() == pytest.approx(exact.item(), rel=0.05)  # bf16 rounds the projections only
+    cfg = dogo.Config(arch="resnet18", peer="none", img_size=8, proj_dim=8)  # --amp's default, on CPU
+    dogo.train_step(net, None, [torch.optim.SGD(net.parameters(), lr=0.0)], torch.randn(4, 2, 3, 8, 8), cfg)
+    assert seen[-1] == torch.float32
+
+
+def test_compile_wraps_both_networks_and_changes_no_number(monkeypatch):
+    """--compile's path through torch.compile, with dynamo's graph capture but without inductor's
+    code generation, which takes a minute on a CPU (the README has a real --compile run)."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: compile(model, backend="eager"))
+    views, terms = torch.randn(4, 4, 3, 8, 8), []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        cfg = dogo.Config(arch="wrn10_2", peer="wrn10_2", img_size=8, proj_dim=8, compile=compiled)
+        _, _, optimizers, _, runners = dogo.build_training(cfg, torch.device("cpu"), world=1)
+        assert all(isinstance(r, torch._dynamo.eval_frame.OptimizedModule) == compiled for r in runners)
+        terms.append([dogo.train_step(*runners, optimizers, views, cfg) for _ in range(2)])
+    for plain, compiled in zip(*terms):
+        assert compiled == pytest.approx(plain, rel=1e-5)
+
+
 def test_help_documents_every_flag_with_its_default_and_choices():
     result = run_dogo("--help")
     assert result.returncode == 0
@@ -545,6 +641,246 @@ def test_distributed_impossible_settings_are_one_line_and_exit_2(args, message, 
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentations batched on the device (--gpu-augment) against the per-image pipeline: two-sample
+# Kolmogorov-Smirnov tests on seeded draws (no flakiness)
+# ------------------------------------------------------------------------------------------------
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+SAMPLES = 2000  # samples per side in each distribution comparison
+
+
+def cpu_pipeline(img_size):
+    """The reference: dogo.py's per-image pipeline (the synthetic dataset's mean and std are MEAN, STD)."""
+    assert dogo.DATASETS["synthetic"][1:] == (MEAN, STD)
+    return dogo.ssl_augmentation(img_size, "synthetic")
+
+
+def run_cpu(transform, image, n=SAMPLES, seed=0):
+    """n independent per-image draws of a torchvision transform (global RNG, seeded). One thread:
+    a tiny image gains nothing from more, and on a busy machine they wait on each other."""
+    threads = torch.get_num_threads()
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    try:
+        return torch.stack([transform(image) for _ in range(n)])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_batched(fn, image, n=SAMPLES, seed=1, **kwargs):
+    """One batched call on n copies of the image, with a seeded generator."""
+    return fn(image.expand(n, *image.shape).contiguous(), generator=torch.Generator().manual_seed(seed), **kwargs)
+
+
+def ks_statistic(a, b, tol=0.0):
+    """Two-sample Kolmogorov-Smirnov D: the largest gap between the two empirical CDFs, F_a - F_b.
+    With tol > 0, the largest gap that shifting values by up to tol cannot explain:
+    max over t of F_a(t) - F_b(t + tol) and F_b(t) - F_a(t + tol). (tol = 0: plain KS.)"""
+    a, b = torch.sort(a.flatten().double())[0], torch.sort(b.flatten().double())[0]
+    t = torch.cat([a, b])
+
+    def cdf(sample, at):
+        return torch.searchsorted(sample, at, right=True) / len(sample)
+
+    return max((cdf(a, t) - cdf(b, t + tol)).max().item(), (cdf(b, t) - cdf(a, t + tol)).max().item())
+
+
+def assert_same_distribution(a, b, name, tol=0.0):
+    """KS test at the 0.1% level. Critical D: c * sqrt((n + m) / (n m)), c = sqrt(-ln(0.0005) / 2) = 1.95;
+    a tolerance only lowers D, so the test stays valid (and a little more lenient)."""
+    d = ks_statistic(a, b, tol)
+    critical = 1.95 * math.sqrt((a.numel() + b.numel()) / (a.numel() * b.numel()))
+    assert d < critical, f"{name}: KS D = {d:.3f} >= {critical:.3f}, the distributions differ"
+
+
+def assert_same_fraction(a, b, name):
+    """Two boolean samples have the same rate: within 4 standard errors of the difference."""
+    p1, p2 = a.float().mean().item(), b.float().mean().item()
+    p = (p1 + p2) / 2
+    tolerance = 4 * math.sqrt(max(p * (1 - p), 0.01) * (1 / a.numel() + 1 / b.numel()))
+    assert abs(p1 - p2) < tolerance, f"{name}: rates {p1:.3f} vs {p2:.3f} differ by more than {tolerance:.3f}"
+
+
+# ---- crops and flips ---------------------------------------------------------------------------
+def coordinate_probe(h=64, w=64):
+    """A float image whose red channel is the x coordinate and green the y coordinate (0..1)."""
+    x = torch.arange(w).div(w - 1).expand(h, w)
+    y = torch.arange(h).div(h - 1)[:, None].expand(h, w)
+    return torch.stack([x, y, torch.zeros(h, w)])
+
+
+def crop_boxes(out, h=64, w=64):
+    """Recover each output's crop box from the coordinate probe: (width, height, 2 * centre x,
+    2 * centre y) in input pixels, all integers, and whether it was flipped. Along a row the output
+    reads x = left + (i + 0.5) * width / size - 0.5, a straight line in i: fit it on the inner
+    columns (the outer ones feel the clamping at the crop edges, and torchvision's antialiasing)."""
+    size = out.shape[-1]
+    i = torch.arange(size, dtype=torch.float64)[4:-4]  # symmetric about the centre
+    xs = out[:, 0].double().mean(1)[:, 4:-4] * (w - 1)  # x coordinate read by each output column
+    ys = out[:, 1].double().mean(2)[:, 4:-4] * (h - 1)
+    di = i - i.mean()
+
+    def fit(v):  # slope * size = the box's extent; the mean = its centre - 0.5
+        return (v * di).sum(1) / (di * di).sum() * size, v.mean(1) + 0.5
+
+    width, cx = fit(xs)
+    height, cy = fit(ys)
+    return width.abs().round(), height.round(), (2 * cx).round(), (2 * cy).round(), width < 0
+
+
+def test_crop_distribution_matches_torchvision():
+    probe = coordinate_probe()
+    cpu = run_cpu(v2.Compose([v2.RandomResizedCrop(32, scale=(0.08, 1.0), antialias=True),
+                              v2.RandomHorizontalFlip()]), probe)
+    ours = run_batched(random_resized_crop_flip, probe, size=32)
+    (w1, h1, cx1, cy1, f1), (w2, h2, cx2, cy2, f2) = crop_boxes(cpu), crop_boxes(ours)
+    assert_same_distribution(w1 * h1 / 64 ** 2, w2 * h2 / 64 ** 2, "crop area fraction")
+    assert_same_distribution(torch.log(w1 / h1), torch.log(w2 / h2), "crop log aspect ratio")
+    assert_same_distribution(cx1, cx2, "crop centre x")
+    assert_same_distribution(cy1, cy2, "crop centre y")
+    assert_same_fraction(f1, f2, "horizontal flips")
+    # Sanity of the recovery itself: the boxes lie inside the image, with the allowed shapes.
+    assert (w2 >= 1).all() and (w2 <= 64).all() and ((cx2 - w2) >= 0).all() and ((cx2 + w2) <= 128).all()
+    assert (w2 * h2 / 64 ** 2 > 0.07).all() and (torch.log(w2 / h2).abs() < math.log(4 / 3) + 0.1).all()
+
+
+# ---- colours -----------------------------------------------------------------------------------
+def patch_image():
+    """uint8, 8x8, four 4x4 patches of different colours (so contrast and saturation differ)."""
+    colours = torch.tensor([[200, 60, 30], [40, 160, 220], [250, 240, 120], [20, 30, 25]], dtype=torch.uint8)
+    img = torch.empty(3, 8, 8, dtype=torch.uint8)
+    for k, (r, c) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+        img[:, r:r + 4, c:c + 4] = colours[k][:, None, None]
+    return img
+
+
+# torchvision jitters uint8 images (ToDtype comes later), truncating to whole levels after every
+# step: its colours sit up to ~3/255 below ours. Colour KS tests ignore shifts of up to 4/255.
+# (Without it, e.g. the 4% of unjittered gray images form a point mass a fraction of a level apart.)
+COLOUR_TOL = 4 / 255
+
+
+def is_gray(images):  # (n, 3, H, W) in [0, 1] -> (n,)
+    return (images.amax(1) - images.amin(1)).amax((1, 2)) < 1e-3
+
+
+def test_color_jitter_and_grayscale_match_torchvision():
+    img = patch_image()
+    # The CPU path jitters uint8 images (ToDtype comes later in the pipeline), so compare with that.
+    cpu = run_cpu(v2.Compose([v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
+                              v2.RandomGrayscale(p=0.2)]), img).float() / 255
+    ours = run_batched(color_jitter_grayscale, img.float() / 255)
+    for k, (r, c) in enumerate([(0, 0), (0, 4), (4, 0), (4, 4)]):
+        for ch in range(3):
+            assert_same_distribution(cpu[:, ch, r, c], ours[:, ch, r, c], f"patch {k} channel {ch}", COLOUR_TOL)
+    assert_same_fraction(is_gray(cpu), is_gray(ours), "gray outputs")
+
+
+def test_jitter_order_is_random_per_image():
+    """Brightness, contrast and saturation commute (up to clamping): all scale the image about a
+    gray level that scales along with it. The order shows when saturation meets hue, which changes
+    the gray level: saturation then hue differs from hue then saturation. torchvision picks either
+    with p=1/2 per image; any fixed order (or one per batch) picks one and fails here."""
+    colours = torch.tensor([[0, 255, 0], [0, 0, 255], [255, 0, 0], [255, 255, 0]], dtype=torch.uint8)
+    img = colours.T.reshape(3, 1, 4).contiguous()  # pure green, blue, red, yellow: a 1x4 image
+    n = 2 * SAMPLES  # a subtler effect: twice the samples
+    cpu = run_cpu(v2.ColorJitter(0, 0, 0.8, 0.2), img, n=n).float() / 255
+    ours = run_batched(color_jitter_grayscale, img.float() / 255, n=n,
+                       jitter=(0, 0, 0.8, 0.2), p_jitter=1.0, p_gray=0.0)
+    for k in range(4):
+        for ch in range(3):
+            assert_same_distribution(cpu[:, ch, 0, k], ours[:, ch, 0, k], f"colour {k} channel {ch}", COLOUR_TOL)
+        assert_same_distribution(cpu[:, :, 0, k].mean(1), ours[:, :, 0, k].mean(1), f"colour {k} mean", COLOUR_TOL)
+
+
+def test_hue_and_gray_match_torchvision_exactly():
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    x[0, :, :4] = x[0, :1, :4]  # some gray pixels
+    x[1, 1] = x[1, 0]  # ties between the largest channels
+    for shift in (-0.2, -0.05, 0.13, 0.2):
+        assert torch.allclose(_shift_hue(x, torch.full((4, 1, 1), shift)), TF.adjust_hue(x, shift), atol=1e-5)
+    assert torch.allclose(_gray(x), TF.rgb_to_grayscale(x), atol=1e-6)
+
+
+def test_full_pipeline_colours_match_torchvision():
+    img = torch.tensor([180, 90, 40], dtype=torch.uint8)[:, None, None].expand(3, 32, 32).contiguous()
+    cpu = run_cpu(cpu_pipeline(32), img) * 0.25 + 0.5  # un-normalised, back to [0, 1]
+    ours = run_batched(batch_ssl_augmentation, img, img_size=32, mean=MEAN, std=STD) * 0.25 + 0.5
+    m1, m2 = cpu.mean((2, 3)), ours.mean((2, 3))  # the (constant) colour of each output
+    for ch in range(3):
+        assert_same_distribution(m1[:, ch], m2[:, ch], f"channel {ch} mean", COLOUR_TOL)
+    assert_same_distribution(m1.amax(1) - m1.amin(1), m2.amax(1) - m2.amin(1), "colour spread", COLOUR_TOL)
+    assert_same_fraction(is_gray(cpu), is_gray(ours), "gray outputs")
+    assert abs(is_gray(ours).float().mean() - 0.2) < 0.04  # p=0.2 (jitter rarely saturates to white or black)
+
+
+# ---- blur --------------------------------------------------------------------------------------
+def sharpness(images):
+    """Energy of the Laplacian of the gray image relative to its variance: brightness and contrast
+    cancel out, blur lowers it. (n, 3, H, W) -> (n,)"""
+    g = images.mean(1)
+    lap = 4 * g[:, 1:-1, 1:-1] - g[:, :-2, 1:-1] - g[:, 2:, 1:-1] - g[:, 1:-1, :-2] - g[:, 1:-1, 2:]
+    return lap.pow(2).mean((1, 2)) / g.var((1, 2)).clamp_min(1e-8)
+
+
+def test_blur_matches_torchvision():
+    noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5))
+    cpu = run_cpu(v2.RandomApply([v2.GaussianBlur(7, sigma=(0.1, 2.0))], p=0.5), noise)
+    ours = run_batched(_random_blur, noise, kernel_size=7)
+    assert_same_distribution(sharpness(cpu), sharpness(ours), "sharpness after blur")
+    # Bimodal: about half are left alone (or blurred with a tiny sigma), the rest visibly blurred.
+    sharp = sharpness(ours) > 0.9 * sharpness(noise[None])
+    assert 0.5 < sharp.float().mean() < 0.7
+
+
+def test_full_pipeline_blur_at_64_matches_torchvision():
+    # A 64 px input and output: crops are only enlarged, so torchvision's antialiasing plays no part.
+    squares = (torch.arange(64)[:, None] // 2 + torch.arange(64)[None] // 2) % 2
+    img = (torch.stack([squares * 200, 255 - squares * 180, squares * 90]) + 20).to(torch.uint8)
+    cpu = run_cpu(cpu_pipeline(64), img, n=1000)
+    ours = run_batched(batch_ssl_augmentation, img, n=1000, img_size=64, mean=MEAN, std=STD)
+    assert_same_distribution(sharpness(cpu), sharpness(ours), "sharpness of full pipeline at 64 px")
+
+
+# ---- per-image draws, reproducibility, sanity ----------------------------------------------------
+def test_every_image_gets_its_own_draw():
+    """Within one batch of identical images, each random choice must vary (one draw per batch fails)."""
+    batch = 64
+    w, h, cx, cy, flipped = crop_boxes(run_batched(random_resized_crop_flip, coordinate_probe(), n=batch, size=32))
+    assert len(set(zip(w.tolist(), h.tolist(), cx.tolist(), cy.tolist()))) > 0.9 * batch  # crops
+    assert 10 < flipped.sum() < batch - 10  # flips
+    img = patch_image().float() / 255
+
+    def jitter(**kwargs):  # the top-left pixel's colour after jitter, rounded (n, 3)
+        return run_batched(color_jitter_grayscale, img, n=batch, **kwargs)[:, :, 0, 0].round(decimals=5)
+
+    for k, name in enumerate(["brightness", "contrast", "saturation", "hue"]):  # one at a time
+        strength = [0.0] * 4
+        strength[k] = 0.8 if k < 3 else 0.2
+        colours = jitter(jitter=strength, p_jitter=1.0, p_gray=0.0)
+        assert len(colours.unique(dim=0)) > 0.9 * batch, f"{name} factors repeat within the batch"
+    unchanged = (jitter(p_jitter=0.8, p_gray=0.0) == img[:, 0, 0].round(decimals=5)).all(1)
+    assert 2 < unchanged.sum() < batch / 2  # whether to jitter (p=0.8)
+    assert 2 < is_gray(jitter(p_jitter=0.0)[:, :, None, None]).sum() < batch / 2  # grayscale (p=0.2)
+    noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5))
+    blurred = sharpness(run_batched(_random_blur, noise, n=batch, kernel_size=7)) < 0.9 * sharpness(noise[None])
+    assert 10 < blurred.sum() < batch - 10  # whether to blur, and how much
+
+
+def test_seeded_generator_reproducible_and_output_sane():
+    images = torch.randint(0, 256, (16, 3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def augment(seed, x=images):
+        return batch_ssl_augmentation(x, 64, MEAN, STD, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = augment(3), augment(3), augment(4)
+    assert a.shape == (16, 3, 64, 64) and a.dtype == torch.float32
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert torch.allclose(augment(3, images.float() / 255), a, atol=1e-5)  # float input, same result
+    unnormalised = a * 0.25 + 0.5
+    assert unnormalised.min() >= -1e-5 and unnormalised.max() <= 1 + 1e-5
 
 
 # ------------------------------------------------------------------------------------------------

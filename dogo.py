@@ -16,9 +16,12 @@ Usage:
     python dogo.py --dataset synthetic --img-size 16 --synthetic-size 512 --batch-size 64 \
         --arch resnet18 --peer resnet18 --epochs 5                  # offline demo, 2 min on a CPU
     python dogo.py --resume runs/cifar10_resnet18_resnet50/checkpoint.pt --epochs 400
+    torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each
+    python dogo.py --benchmark --batch-size 64                      # where the time of a step goes
 
 Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt. Evaluate with eval_linear.py.
 File layout, in the paper's order: config, data and augmentations, networks, losses, training.
+How it runs (flags, processes, logs; the augmentations batched on the GPU) is in runtime.py.
 """
 import dataclasses
 import json

@@ -401,7 +401,8 @@ def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W); torchvision's weights (0.2989, no
 def _shift_hue(x, shift):
     """Rotate the hue of RGB images in [0, 1] by shift (B, 1, 1) turns, keeping saturation and value."""
     r, g, b = x.unbind(1)
-    v, chroma = x.amax(1), x.amax(1) - x.amin(1)
+    v = x.amax(1)
+    chroma = v - x.amin(1)
     c = torch.where(chroma > 0, chroma, 1.0)  # gray pixels: avoid 0/0 (their hue does not matter)
     hue = torch.where(r == v, (g - b) / c, torch.where(g == v, 2 + (b - r) / c, 4 + (r - g) / c))
     hue6 = (hue + 6 * shift) % 6  # the new hue, in sixths of a turn

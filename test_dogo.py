@@ -458,9 +458,8 @@ class Exploit:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("args", [[], ["--gpu-augment"]])
-def test_benchmark_prints_where_the_time_goes(args, tmp_path):
-    result = run_script("dogo.py", "--benchmark", *TINY, "--max-steps", "2", *args, cwd=tmp_path)
+def test_benchmark_prints_where_the_time_goes(tmp_path):
+    result = run_script("dogo.py", "--benchmark", *TINY, "--max-steps", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("benchmark: ")
@@ -471,6 +470,17 @@ def test_benchmark_prints_where_the_time_goes(args, tmp_path):
     assert figures["images_per_s"] == pytest.approx(8 / figures["step_ms"] * 1000, rel=0.01)  # batch 8
     assert figures["loss_ms"] < figures["model_only_ms"]  # a part of the step
     assert os.listdir(tmp_path) == []  # measures, trains nothing, writes nothing
+
+
+@pytest.mark.parametrize("peer,n_views", [("resnet18", 4), ("none", 2)])
+def test_gpu_augment_loads_the_image_alone_and_draws_each_view_on_the_device(peer, n_views):
+    cfg = dogo.Config(dataset="synthetic", img_size=8, peer=peer, gpu_augment=True)
+    data = dogo.ssl_views(dogo.SyntheticShapes(4, 8), cfg)
+    batch = torch.stack([data[i][0] for i in range(4)])
+    assert batch.shape == (4, 1, 3, 8, 8) and batch.dtype == torch.uint8  # what the loader ships
+    views = dogo.ready_views(batch, cfg, torch.device("cpu"))
+    assert views.shape == (4, n_views, 3, 8, 8) and views.dtype == torch.float32
+    assert all(not torch.equal(views[:, 0], views[:, k]) for k in range(1, n_views))  # own draws
 
 
 def test_amp_runs_the_networks_in_bfloat16_and_the_losses_in_float32():
@@ -545,34 +555,6 @@ def value_and_gradients(loss, inputs):
     return value.detach(), torch.autograd.grad(value, inputs, allow_unused=True)
 
 
-def _losses_on_this_process_s_half(rank, inputs, out):
-    mine = [x.chunk(2)[rank].clone().requires_grad_() for x in inputs]
-    torch.save({name: value_and_gradients(loss, mine) for name, loss in LOSSES.items()}, f"{out}/{rank}.pt")
-
-
-def test_distributed_losses_and_gradients_equal_one_process_with_the_whole_batch(tmp_path):
-    inputs = [x.float() for x in random_projections(n=8, d=5, count=4, seed=3)]
-    run_two_processes(_losses_on_this_process_s_half, inputs, str(tmp_path))
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        for name, loss in LOSSES.items():
-            value, gradients = value_and_gradients(loss, [x.clone().requires_grad_() for x in inputs])
-            assert got[name][0].item() == pytest.approx(value.item(), abs=1e-5), name
-            for whole, half in zip(gradients, got[name][1]):
-                if whole is None:  # a stop-gradient input: none on either side
-                    assert half is None, name
-                else:  # the rows of this process's images
-                    assert torch.allclose(half, whole.chunk(2)[rank], atol=1e-5), name
-
-
-def _ddp_train_step(rank, views, out):
-    cfg, student, peer = fixed_pair()
-    recorders = [torch.optim.SGD(n.parameters(), lr=0.0) for n in (student, peer)]  # lr 0: keep .grad
-    ddp = [torch.nn.parallel.DistributedDataParallel(n) for n in (student, peer)]
-    dogo.train_step(*ddp, recorders, views.chunk(2)[rank], cfg)
-    torch.save([p.grad for n in (student, peer) for p in n.parameters()], f"{out}/{rank}.pt")
-
-
 def fixed_pair():
     """Two small networks with fixed BatchNorm statistics: the same function on any share of a batch."""
     torch.manual_seed(0)
@@ -581,17 +563,50 @@ def fixed_pair():
     return cfg, student.eval(), peer.eval()
 
 
-def test_distributed_train_step_gives_the_weights_the_whole_batch_s_gradient(tmp_path):
-    """Through DDP, which averages over processes: the gradients are those of one process."""
-    views = torch.randn(8, 4, 3, 8, 8)
-    run_two_processes(_ddp_train_step, views, str(tmp_path))
-    cfg, student, peer = fixed_pair()
+def weight_gradients(cfg, student, peer, views, wrap=lambda net: net):
+    """The gradients that one train_step gives the weights (SGD with lr 0 keeps them as they are)."""
     recorders = [torch.optim.SGD(n.parameters(), lr=0.0) for n in (student, peer)]
-    dogo.train_step(student, peer, recorders, views, cfg)
-    expected = [p.grad for n in (student, peer) for p in n.parameters()]
-    for rank in (0, 1):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-6) for g, e in zip(got, expected))
+    dogo.train_step(wrap(student), wrap(peer), recorders, views, cfg)
+    return [p.grad for n in (student, peer) for p in n.parameters()]
+
+
+def _each_process_with_its_half_of_the_batch(rank, projections, views, out):
+    """Both checks in one pair of processes: starting them is the slow part."""
+    mine = [x.chunk(2)[rank].clone().requires_grad_() for x in projections]
+    losses = {name: value_and_gradients(loss, mine) for name, loss in LOSSES.items()}
+    gradients = weight_gradients(*fixed_pair(), views.chunk(2)[rank], torch.nn.parallel.DistributedDataParallel)
+    torch.save({"losses": losses, "gradients": gradients}, f"{out}/{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """The inputs, and what each of two gloo processes computed from its half of them."""
+    out = tmp_path_factory.mktemp("two_processes")
+    projections = [x.float() for x in random_projections(n=8, d=5, count=4, seed=3)]
+    views = torch.randn(8, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    run_two_processes(_each_process_with_its_half_of_the_batch, projections, views, str(out))
+    return projections, views, [torch.load(out / f"{rank}.pt") for rank in (0, 1)]
+
+
+def test_distributed_losses_and_gradients_equal_one_process_with_the_whole_batch(two_processes):
+    projections, _, results = two_processes
+    for rank, got in enumerate(results):
+        for name, loss in LOSSES.items():
+            value, gradients = value_and_gradients(loss, [x.clone().requires_grad_() for x in projections])
+            assert got["losses"][name][0].item() == pytest.approx(value.item(), abs=1e-5), name
+            for whole, half in zip(gradients, got["losses"][name][1]):
+                if whole is None:  # a stop-gradient input: none on either side
+                    assert half is None, name
+                else:  # the rows of this process's images
+                    assert torch.allclose(half, whole.chunk(2)[rank], atol=1e-5), name
+
+
+def test_distributed_train_step_gives_the_weights_the_whole_batch_s_gradient(two_processes):
+    """Through DDP, which averages over processes: the gradients are those of one process."""
+    _, views, results = two_processes
+    expected = weight_gradients(*fixed_pair(), views)
+    for got in results:
+        assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-6) for g, e in zip(got["gradients"], expected))
 
 
 def test_distributed_order_splits_each_global_batch_between_the_processes():

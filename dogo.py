@@ -42,9 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from runtime import (EpochOrder, Progress, StopOnCtrlC, SyntheticShapes, UsageError, any_process,
-                     batch_ssl_augmentation, check_flags, flag, gather, ignore_ctrl_c, init_distributed,
-                     parse_flags, peak_memory_mb, plot_losses, read_metrics, summed_over_processes,
-                     time_calls, world_size)
+                     batch_ssl_augmentation, check_flags, device_flag, flag, gather, ignore_ctrl_c,
+                     init_distributed, parse_flags, peak_memory_mb, plot_losses, read_metrics,
+                     summed_over_processes, time_calls, workers_flag, world_size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,9 +103,8 @@ class Config:
                                  "the authors' weight of 1 at batch 256", at_least=0)
     proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see", at_least=1)
     # running
-    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
-                        "cores, up to 8); 0 loads in the main process", at_least=0)
-    device: str = flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+    workers: int = workers_flag()
+    device: str = device_flag()
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
                         "or the checkpoint's folder with --resume")

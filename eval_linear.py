@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 import dogo
-from runtime import UsageError, check_flags, flag, parse_flags, pick_device
+from runtime import UsageError, check_flags, device_flag, flag, parse_flags, pick_device, workers_flag
 
 
 # ------------------------------------------------------------------------------------------------
@@ -78,9 +78,8 @@ class EvalConfig:
     batch_size: int = flag(256, "images (or feature vectors) per step", at_least=1)
     lr: float = flag(0.0, "Adam learning rate; 0 = 1e-3 for linear, 3e-4 for finetune", at_least=0)
     # running
-    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
-                        "cores, up to 8); 0 loads in the main process", at_least=0)
-    device: str = flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+    workers: int = workers_flag()
+    device: str = device_flag()
     seed: int = flag(0, "seed for the label subset, the noise, the validation split and training")
     results: str = flag("", "JSON-lines file that each run appends to; '' = results.jsonl "
                             "beside the checkpoint (in the current folder for random)")

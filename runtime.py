@@ -59,6 +59,17 @@ def parse_flags(config_class, argv=None, prog="dogo.py"):
     return config_class(**given), set(given)
 
 
+def workers_flag():
+    """--workers, the same for every script."""
+    return flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's cores, up to 8); "
+                "0 loads in the main process", at_least=0)
+
+
+def device_flag():
+    """--device, the same for every script."""
+    return flag("auto", "auto (CUDA when present, else CPU) | cpu | cuda | cuda:N")
+
+
 BOUNDS = {"at_least": (float.__ge__, "at least"), "above": (float.__gt__, "above"),
           "at_most": (float.__le__, "at most"), "below": (float.__lt__, "below")}
 

@@ -133,10 +133,8 @@ def config_from_checkpoint(ckpt):
 
 
 # ------------------------------------------------------------------------------------------------
-# Data and augmentations
+# Data and augmentations (the synthetic dataset for offline runs: runtime.py)
 # ------------------------------------------------------------------------------------------------
-
-
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
     """The raw (image, label) dataset of one split: 'ssl' (what self-supervision trains on),
     'train' (the labelled training images) or 'test'. STL-10's 'ssl' adds its unlabeled split."""

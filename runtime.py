@@ -1,6 +1,7 @@
-"""How dogo.py and eval_linear.py run, as opposed to what they compute: command-line flags,
-devices and processes (torchrun), the all-gather that lets the losses see the global batch,
-Ctrl-C, the metrics log and its plot.
+"""How dogo.py and eval_linear.py run, as opposed to what they compute: command-line flags;
+devices and processes (torchrun), with the all-gather that lets the losses see the global batch
+and the order of the images; Ctrl-C, the metrics log and its plot, timings; the synthetic
+dataset for offline runs; SimCLR's augmentations batched on the training device.
 
 Nothing here is DoGo: dogo.py holds the method, top to bottom, and imports these helpers.
 """

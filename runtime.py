@@ -89,7 +89,6 @@ def check_flags(cfg):
                 raise UsageError(f"{name} must be {words} {limit}, got {value}")
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Devices and processes
 #
@@ -168,14 +167,13 @@ def summed_over_processes(part):
     return part + (total - part.detach())
 
 
-def any_process(flag, device):
+def any_process(value, device):
     """True on every process when it is True on one: all must stop at the same step."""
     if not dist.is_initialized():
-        return flag
-    flag = torch.tensor(float(flag), device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
-
+        return value
+    value = torch.tensor(float(value), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
 
 
 class EpochOrder(DistributedSampler):
@@ -199,13 +197,11 @@ class EpochOrder(DistributedSampler):
         return super().__len__() - self.skip
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Ctrl-C, the metrics log and its plot, timings
 # ------------------------------------------------------------------------------------------------
 def ignore_ctrl_c(worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-
 
 
 class StopOnCtrlC:

@@ -185,13 +185,18 @@ def eval_transform(img_size, dataset):
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
 
 
+def views_per_image(cfg):
+    """4: each network draws its own pair of views (the paper's Figure 1); 2 for a network alone."""
+    return 2 if cfg.peer == "none" else 4
+
+
 def ssl_views(base, cfg):
     """The training set: 4 augmented views of each image (2 with --peer none); with --gpu-augment,
     the image alone, at the training size, for ready_views to augment on the device."""
     if cfg.gpu_augment:
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
         return Views(base, sized, 1)
-    return Views(base, ssl_augmentation(cfg.img_size, cfg.dataset), 2 if cfg.peer == "none" else 4)
+    return Views(base, ssl_augmentation(cfg.img_size, cfg.dataset), views_per_image(cfg))
 
 
 def ready_views(batch, cfg, device):
@@ -199,9 +204,9 @@ def ready_views(batch, cfg, device):
     batch = batch.to(device, non_blocking=True)  # from pinned memory: the copy overlaps compute
     if not cfg.gpu_augment:
         return batch
-    info, n_views = DATASETS[cfg.dataset], 2 if cfg.peer == "none" else 4
+    info = DATASETS[cfg.dataset]
     return torch.stack([batch_ssl_augmentation(batch[:, 0], cfg.img_size, info.mean, info.std)
-                        for _ in range(n_views)], dim=1)
+                        for _ in range(views_per_image(cfg))], dim=1)
 
 
 class Views(Dataset):
@@ -461,17 +466,22 @@ def train_step(student, peer, optimizers, views, cfg):
     return {k: v.item() for k, v in terms.items()}
 
 
+def seed_of(cfg, rank, step):
+    """A seed of its own for each process and each start of a run (a resumed run draws anew)."""
+    return int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0])
+
+
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
     """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip)
     before each epoch. Its worker processes live for the whole run (persistent_workers): no start-up
     cost per epoch. step: where the run starts, so that a resumed run draws new augmentations."""
-    worker_seed = int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0])
     order = EpochOrder(data, cfg.seed * 100003, rank, world)
     return DataLoader(data, batch_size=cfg.batch_size // world, sampler=order,
                       drop_last=True,  # every step has the same number of negatives
                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
                       pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
-                      generator=torch.Generator().manual_seed(worker_seed), worker_init_fn=ignore_ctrl_c)
+                      generator=torch.Generator().manual_seed(seed_of(cfg, rank, step)),
+                      worker_init_fn=ignore_ctrl_c)
 
 
 def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0):
@@ -621,7 +631,7 @@ def train(cfg, given=frozenset()):
 
     student, peer, optimizers, step, (run_student, run_peer) = build_training(cfg, device, world, ckpt)
     if rank:  # other augmentations in each process (the weights stay in step through DDP)
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0]))
+        torch.manual_seed(seed_of(cfg, rank, step))
     loader = make_loader(data, cfg, device, rank, world, step)
     os.makedirs(cfg.out_dir, exist_ok=True)
     paths = {k: os.path.join(cfg.out_dir, k) for k in ("checkpoint.pt", "metrics.csv", "losses.png")}

@@ -3,33 +3,40 @@
 Bhat, Arani, Zonooz. "Distill on the Go: Online knowledge distillation in self-supervised
 learning", CVPR 2021 workshop on Learning from Limited and Imperfect Data, arXiv:2104.09866.
 
-Two networks learn from scratch at the same time, without labels. Each one solves SimCLR (or
-SimSiam) on its own two views of every image, and also learns to agree with its peer on how
-similar the images of a batch are to each other (deep mutual learning on similarity scores):
+Two networks learn from scratch at the same time, without labels: the student (--arch), the small
+network that DoGo is for, and its peer (--peer). Each solves SimCLR (or SimSiam) on its own two
+views of every image, and also learns to agree with the other on how similar the images of a
+batch are to each other (deep mutual learning on similarity scores):
 
-    L_k = NT-Xent_k  +  lambda_k * KL( P_peer || P_k )      (P: row-softmax of cross-view cosines)
+    L_k = SSL_k  +  lambda_k * KL( P_other || P_k )      (P: row-softmax of cross-view cosines)
 
 Usage:
-    python dogo.py --arch resnet18 --peer resnet50                  # the paper's set-up, CIFAR-10
-    python dogo.py --arch resnet18 --peer none                      # solo SimCLR baseline
-    python dogo.py --arch wrn16_2 --peer resnet50 --peer-objective simsiam   # other pairings
+    python dogo.py --arch resnet18 --peer resnet50      # the paper's set-up: CIFAR-10, a GPU job
+    python dogo.py --arch resnet18 --peer none          # the baseline: the student alone
     python dogo.py --dataset synthetic --img-size 16 --synthetic-size 512 --batch-size 64 \
-        --arch resnet18 --peer resnet18 --epochs 5                  # offline demo, 2 min on a CPU
+        --arch resnet18 --peer resnet18 --epochs 5      # offline demo, minutes on a CPU
     python dogo.py --resume runs/cifar10_resnet18_resnet50/checkpoint.pt --epochs 400
     torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each
-    python dogo.py --benchmark --batch-size 64                      # where the time of a step goes
+    python dogo.py --benchmark --batch-size 64          # where the time of a step goes
 
-Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt. Evaluate with eval_linear.py.
-File layout, in the paper's order: config, data and augmentations, networks, losses, training.
-How it runs (flags, processes, logs; the augmentations batched on the GPU) is in runtime.py.
+Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py.
+The method reads top to bottom in the paper's order: config, data and augmentations, networks,
+losses, the training step, the loop and its checkpoints, main. The plumbing follows, under its own
+banners: flags, processes, logs, the synthetic dataset, --benchmark, batched augmentation.
 """
+import argparse
+import csv
 import dataclasses
+import itertools
 import json
+import math
 import os
+import resource
+import signal
 import sys
 import time
 from collections import namedtuple
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,27 +45,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from runtime import (EpochOrder, Progress, StopOnCtrlC, SyntheticShapes, UsageError, any_process,
-                     batch_ssl_augmentation, check_flags, device_flag, flag, gather, ignore_ctrl_c,
-                     init_distributed, parse_flags, peak_memory_mb, plot_losses, read_metrics,
-                     summed_over_processes, time_calls, workers_flag, world_size)
 
-
-# ------------------------------------------------------------------------------------------------
-# Config
-# ------------------------------------------------------------------------------------------------
+# ---- Config ------------------------------------------------------------------------------------
 ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "wrn16_8", "wrn28_2",
          "mobilenetv2", "shufflenetv2")
 OBJECTIVES = ("simclr", "simsiam")
 
-
 # Per dataset: native resolution, and the per-channel mean and std that normalise its images.
 DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")
-
-
 DATASETS = {
     "cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -68,49 +65,52 @@ DATASETS = {
 }
 
 
+def flag(default, help, choices=None):
+    """A config field; its help and choices become those of its command-line flag."""
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
 @dataclass
 class Config:
     # what to train
-    arch: str = flag("resnet18", "the small network, the one DoGo is for", ARCHS)
-    peer: str = flag("resnet50", "its peer, trained alongside; none: the arch alone, the baseline "
+    arch: str = flag("resnet18", "the student's architecture: the small network DoGo is for", ARCHS)
+    peer: str = flag("resnet50", "the peer's architecture; none: the student alone, the baseline "
                      "that DoGo is compared against", ARCHS + ("none",))
-    objective: str = flag("simclr", "the arch's self-supervised task", OBJECTIVES)
+    objective: str = flag("simclr", "the student's self-supervised task", OBJECTIVES)
     peer_objective: str = flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
     # data
     dataset: str = flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
     data_dir: str = flag("./data", "where datasets are downloaded to, or the image folder "
                          "(with train/ and test/ or val/, one sub-folder per class)")
     img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 for CIFAR and "
-                         "synthetic, 96 for STL-10, 64 for imagefolder)", at_least=0)
-    synthetic_size: int = flag(2000, "images in the synthetic training split (test: a quarter)",
-                               at_least=10)
+                         "synthetic, 96 for STL-10, 64 for imagefolder)")
+    synthetic_size: int = flag(2000, "images in the synthetic training split (test: a quarter)")
     # optimisation (the paper's published configuration)
     epochs: int = flag(200, "passes over the data; 200 is the usual budget of SSL studies on "
-                       "CIFAR-sized data, and SSL keeps improving with longer schedules", at_least=1)
+                       "CIFAR-sized data, and SSL keeps improving with longer schedules")
     max_steps: int = flag(0, "stop after this many training steps in total, counted across "
-                          "resumes; 0 = no cap (for quick runs)", at_least=0)
-    batch_size: int = flag(256, "images per step, each giving 4 views; NT-Xent needs 2 or more",
-                           at_least=2)
-    lr: float = flag(3e-4, "Adam learning rate, for both networks", above=0)
-    weight_decay: float = flag(1e-6, "Adam weight decay", at_least=0)
-    temperature: float = flag(0.5, "NT-Xent temperature", above=0)
-    kd_temperature: float = flag(0.1, "temperature of the similarity distributions in the KL term",
-                                 above=0)
-    kd_weight: float = flag(0.390625, "weight of the arch's KL term (KL averaged over rows); "
+                          "resumes; 0 = no cap (for quick runs)")
+    batch_size: int = flag(256, "images per step (over all processes), each giving 4 views")
+    lr: float = flag(3e-4, "Adam learning rate, for both networks")
+    weight_decay: float = flag(1e-6, "Adam weight decay")
+    temperature: float = flag(0.5, "NT-Xent temperature")
+    kd_temperature: float = flag(0.1, "temperature of the similarity distributions in the KL term")
+    kd_weight: float = flag(0.390625, "weight of the student's KL term (KL averaged over rows); "
                             "0.390625 = 100/256, the authors' weight of 100 with their "
-                            "N*N reduction at batch 256", at_least=0)
+                            "N*N reduction at batch 256")
     peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 0.00390625 = 1/256, "
-                                 "the authors' weight of 1 at batch 256", at_least=0)
-    proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see", at_least=1)
+                                 "the authors' weight of 1 at batch 256")
+    proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see")
     # running
-    workers: int = workers_flag()
-    device: str = device_flag()
+    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
+                        "cores, up to 8); 0 loads in the main process")
+    device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
                         "or the checkpoint's folder with --resume")
     resume: str = flag("", "checkpoint.pt to continue from; flags given now override its config, "
                        "except those that define the networks and data")
-    log_every: int = flag(50, "steps between progress lines and rows of metrics.csv", at_least=1)
+    log_every: int = flag(50, "steps between progress lines and rows of metrics.csv")
     # speed (none of these changes the method)
     amp: bool = flag(None, "bfloat16 autocast for the networks, the losses staying in float32 "
                      "(default: on with CUDA, off on CPU)")
@@ -126,19 +126,31 @@ class Config:
 FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 
 
-def config_from_checkpoint(ckpt):
-    """The Config a checkpoint was trained with (fields unknown to this version are dropped)."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+def require(cfg, name, ok, what):
+    """Refuse cfg.name unless ok(value), naming its flag and what it takes."""
+    value = getattr(cfg, name)
+    if not ok(value):
+        raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {value}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Data and augmentations (the synthetic dataset for offline runs: runtime.py)
-# ------------------------------------------------------------------------------------------------
+def check_config(cfg):
+    """The numbers that cannot work (argparse has checked types and choices); nan and inf fail
+    every one of these comparisons."""
+    for name in ("lr", "temperature", "kd_temperature"):
+        require(cfg, name, lambda v: 0 < v < math.inf, "a positive number")
+    for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "workers"):
+        require(cfg, name, lambda v: 0 <= v < math.inf, "0 or more")
+    for name in ("epochs", "proj_dim", "log_every"):
+        require(cfg, name, lambda v: v >= 1, "at least 1")
+    require(cfg, "batch_size", lambda v: v >= 2, "at least 2 (NT-Xent needs a negative)")
+    require(cfg, "synthetic_size", lambda v: v >= 10, "at least 10")
+
+
+# ---- Data and augmentations --------------------------------------------------------------------
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
     """The raw (image, label) dataset of one split: 'ssl' (what self-supervision trains on),
     'train' (the labelled training images) or 'test'. STL-10's 'ssl' adds its unlabeled split."""
-    if name == "synthetic":
+    if name == "synthetic":  # made in memory: see the plumbing at the end of this file
         n = synthetic_size if split != "test" else max(synthetic_size // 4, 10)
         return SyntheticShapes(n, img_size, train=split != "test")
     try:
@@ -159,19 +171,29 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
                          f"put the data there, or run offline with --dataset synthetic") from None
 
 
+# SimCLR's augmentation (Chen et al. 2020, Appendix A), shared by the per-image pipeline below and
+# the batched one at the end of this file: crop scale, colour jitter (brightness, contrast,
+# saturation, hue) with its probability, grayscale and blur probabilities, blur sigma range.
+CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8
+P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
+
+
+def blur_kernel_size(img_size):
+    """Odd, about 10% of the image; 0 below 64 px, where blur would destroy the little detail
+    that a 32 px image has (SimCLR skips it on CIFAR)."""
+    return int(0.1 * img_size) // 2 * 2 + 1 if img_size >= 64 else 0
+
+
 def ssl_augmentation(img_size, dataset):
-    """SimCLR's augmentations (Chen et al. 2020, Appendix A), ending in a normalised tensor."""
-    info = DATASETS[dataset]
-    blur = []
-    if img_size >= 64:  # blur destroys the little detail that 32 px images have, so SimCLR skips it
-        kernel = int(0.1 * img_size) // 2 * 2 + 1  # odd, about 10% of the image
-        blur = [v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5)]
+    """SimCLR's augmentation of one image, ending in a normalised float tensor."""
+    info, kernel = DATASETS[dataset], blur_kernel_size(img_size)
+    blur = [v2.RandomApply([v2.GaussianBlur(kernel, sigma=BLUR_SIGMA)], p=P_BLUR)] if kernel else []
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(img_size, scale=(0.08, 1.0), antialias=True),
+        v2.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER),
+        v2.RandomGrayscale(p=P_GRAY),
         *blur,
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(info.mean, info.std),
@@ -186,20 +208,35 @@ def eval_transform(img_size, dataset):
 
 
 def views_per_image(cfg):
-    """4: each network draws its own pair of views (the paper's Figure 1); 2 for a network alone."""
+    """4: each network draws its own pair of views, so neither can match its peer by seeing the
+    same pixels (the paper's Figure 1); 2 for the student alone."""
     return 2 if cfg.peer == "none" else 4
 
 
-def ssl_views(base, cfg):
-    """The training set: 4 augmented views of each image (2 with --peer none); with --gpu-augment,
-    the image alone, at the training size, for ready_views to augment on the device."""
+class AugmentedImages(Dataset):
+    """Each item: (k x C x H x W tensor, label), k independent draws of `transform` on one image."""
+
+    def __init__(self, base, transform, k):
+        self.base, self.transform, self.k = base, transform, k
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return torch.stack([self.transform(img) for _ in range(self.k)]), label
+
+
+def training_set(base, cfg):
+    """What the loader serves: each image's 4 views (2 with --peer none), or with --gpu-augment
+    the image alone, at the training size, for to_views to augment on the device."""
     if cfg.gpu_augment:
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
-        return Views(base, sized, 1)
-    return Views(base, ssl_augmentation(cfg.img_size, cfg.dataset), views_per_image(cfg))
+        return AugmentedImages(base, sized, 1)
+    return AugmentedImages(base, ssl_augmentation(cfg.img_size, cfg.dataset), views_per_image(cfg))
 
 
-def ready_views(batch, cfg, device):
+def to_views(batch, cfg, device):
     """A batch from the loader -> its views (B, 4 or 2, C, H, W) on the device."""
     batch = batch.to(device, non_blocking=True)  # from pinned memory: the copy overlaps compute
     if not cfg.gpu_augment:
@@ -209,26 +246,7 @@ def ready_views(batch, cfg, device):
                         for _ in range(views_per_image(cfg))], dim=1)
 
 
-class Views(Dataset):
-    """Each item: (n_views x C x H x W tensor of independently augmented views, label).
-
-    DoGo uses four views per image: two for each network. Each network draws its own pair, so
-    neither can match its peer by seeing the same pixels (the paper's Figure 1)."""
-
-    def __init__(self, base, transform, n_views):
-        self.base, self.transform, self.n_views = base, transform, n_views
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        return torch.stack([self.transform(img) for _ in range(self.n_views)]), label
-
-
-# ------------------------------------------------------------------------------------------------
-# Networks: encoder f (the backbone) and projection head g
-# ------------------------------------------------------------------------------------------------
+# ---- Networks: encoder f (the backbone) and projection head g ----------------------------------
 class WideBlock(nn.Module):
     """Pre-activation residual block of a WideResNet: BN-ReLU-conv, twice."""
 
@@ -258,13 +276,10 @@ def wide_resnet(depth, width):
 
 
 def make_encoder(arch, img_size):
-    """The backbone without its classifier: (B, 3, S, S) -> (B, feature size). Returns
-    (encoder, feature size); the size is measured on a dummy image, not looked up per name.
-
+    """(encoder, feature size): the backbone without its classifier, (B, 3, S, S) -> (B, features).
     Below 100 px the ImageNet stems (stride-2 convolution, then max-pool) would shrink a 32 px
-    image to 8 px before the first block, so small images keep their resolution through the stem:
-    ResNets get the CIFAR stem (one 3x3 stride-1 conv, no max-pool), MobileNetV2 and
-    ShuffleNetV2 a stride-1 first convolution (and no max-pool). WideResNets are CIFAR networks."""
+    image to 8 px before the first block: small images get the CIFAR stem instead (a stride-1
+    first convolution, no max-pool). WideResNets are CIFAR networks."""
     small = img_size < 100
     if arch.startswith("wrn"):
         depth, width = (int(n) for n in arch[3:].split("_"))
@@ -294,14 +309,10 @@ def make_encoder(arch, img_size):
 
 
 class SSLNet(nn.Module):
-    """Encoder f, projection head g and, for SimSiam, predictor h.
-
-    forward(x) gives what the losses take: the projection z = g(f(x)), before normalisation, and
-    for SimSiam the prediction h(z) (None for SimCLR); self.encoder(x) gives the representation
-    that evaluation uses.
-    SimCLR's head is the authors': Linear(f, 512, no bias) - BN - ReLU - Linear(512, proj_dim).
-    SimSiam's (Chen & He 2021) is sized down for small images: a 512-d projector ending in BN and
-    a 128-d predictor bottleneck."""
+    """Encoder f (self.encoder: what evaluation uses), projection head g and, for SimSiam,
+    predictor h. forward(x) -> (z = g(f(x)), h(z) or None), before any normalisation.
+    SimCLR's head is the authors': Linear(f, 512, no bias) - BN - ReLU - Linear(512, proj_dim);
+    SimSiam's (Chen & He 2021) is sized down for small images: 512-d, with a 128-d bottleneck."""
 
     def __init__(self, arch, img_size, proj_dim=128, objective="simclr", hidden_dim=512):
         super().__init__()
@@ -323,22 +334,21 @@ class SSLNet(nn.Module):
         return z, (None if self.predictor is None else self.predictor(z))
 
 
-def build_optimizers(networks, cfg):
-    """One Adam per network: each network is updated by its own optimiser, on its own loss."""
-    return [torch.optim.Adam(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n in networks]
-
-
 def build_networks(cfg):
-    """The arch network and its peer (None when training alone), as cfg describes them."""
-    net = SSLNet(cfg.arch, cfg.img_size, cfg.proj_dim, cfg.objective)
+    """The student and its peer (None when the student trains alone), as cfg describes them."""
+    student = SSLNet(cfg.arch, cfg.img_size, cfg.proj_dim, cfg.objective)
     peer = (None if cfg.peer == "none"
             else SSLNet(cfg.peer, cfg.img_size, cfg.proj_dim, cfg.peer_objective or cfg.objective))
-    return net, peer
+    return student, peer
 
 
-# ------------------------------------------------------------------------------------------------
-# Losses: pure functions of the projections (gathered over processes under torchrun: runtime.py)
-# ------------------------------------------------------------------------------------------------
+def build_optimizers(networks, cfg):
+    """One Adam per network (None skipped): each is updated by its own optimiser, on its own loss."""
+    return [torch.optim.Adam(n.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            for n in networks if n is not None]
+
+
+# ---- Losses: pure functions of the projections of one batch ------------------------------------
 def nt_xent(z1, z2, temperature=0.5):
     r"""SimCLR's NT-Xent loss over the 2N views of one network (Chen et al. 2020, eq. 1).
 
@@ -351,19 +361,13 @@ def nt_xent(z1, z2, temperature=0.5):
 
     over the 2N stacked views, where i^+ is the other view of image i: one positive and 2N - 2
     negatives per anchor. One (2N, 2N) matrix product: memory O(N^2), never an (N, N, d) tensor.
-    Under torchrun, z1 and z2 are this process's n rows: its 2n anchors meet all 2N views.
     """
     n = z1.shape[0]
-    anchors = F.normalize(torch.cat([z1, z2]), dim=1)                 # (2n, d) this process's views
-    views = gather(anchors.view(2, n, -1).transpose(0, 1))            # (N, 2, d) all images, both views
-    views = views.transpose(0, 1).flatten(0, 1)                       # (2N, d) first views, then second
-    big_n = views.shape[0] // 2
-    logits = anchors @ views.T / temperature                          # (2n, 2N)
-    first = (dist.get_rank() * n if dist.is_initialized() else 0) + torch.arange(n, device=z1.device)
-    itself, positive = torch.cat([first, first + big_n]), torch.cat([first + big_n, first])
-    is_itself = torch.arange(2 * big_n, device=z1.device) == itself[:, None]
-    logits = logits.masked_fill(is_itself, float("-inf"))             # k != i
-    return summed_over_processes(F.cross_entropy(logits, positive, reduction="sum") / (2 * big_n))
+    z = F.normalize(torch.cat([z1, z2]), dim=1)                       # (2N, d), unit rows
+    logits = z @ z.T / temperature                                    # (2N, 2N)
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
+    positive = (torch.arange(2 * n, device=z.device) + n) % (2 * n)  # i+: the other view of image i
+    return F.cross_entropy(logits, positive)  # the stable log-softmax, averaged over the 2N anchors
 
 
 def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
@@ -378,25 +382,18 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
         Q_{ij} = \operatorname{softmax}_j\big(\cos(z^{1,peer}_i, z^{2,peer}_j) / t\big), \quad
         \mathrm{KL}(Q \| P) = \frac{1}{N} \sum_{i=1}^{N} \sum_{j=1}^{N} Q_{ij} \log \frac{Q_{ij}}{P_{ij}}
 
-    summed over each row j and averaged over the N rows (anchors): a true KL divergence per row.
-    Under torchrun the rows are this process's images and the columns j those of the global batch.
-
-    The authors' code computes ``kl_div(softmax(.).log(), Q)`` with PyTorch's default
-    reduction='mean', which divides by N*N instead of N. So their weight lambda_official on that
-    term equals lambda = lambda_official / N on this one: their 100 at N = 256 is 0.390625 here.
-    log_softmax (not softmax().log()) keeps log P finite when a probability underflows.
-    Which tensors enter for each objective (SimCLR: both projections; SimSiam: prediction of view
-    1 and projection of view 2) is decided by ssl_forward; a mixed pair mixes them.
+    summed over each row and averaged over the N rows (anchors): a true KL divergence per row.
+    The authors' code divides by N*N instead (kl_div's reduction='mean'), so their weight
+    lambda_official equals lambda = lambda_official / N here: their 100 at N = 256 is 0.390625.
     """
-    def log_similarity_distribution(a, b):                            # (n, N) row log-probabilities
-        b = gather(F.normalize(b, dim=1))
-        return F.log_softmax(F.normalize(a, dim=1) @ b.T / temperature, dim=1)
+    def log_similarity_distribution(a, b):                            # (N, N) row log-probabilities
+        # log_softmax, not softmax().log(): log P stays finite where a probability underflows
+        return F.log_softmax(F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature, dim=1)
 
     log_p = log_similarity_distribution(z1, z2)
     # Stop-gradient: the peer is a teacher for this term only; it learns from its own term.
     log_q = log_similarity_distribution(z1_peer.detach(), z2_peer.detach())
-    kl = F.kl_div(log_p, log_q, reduction="sum", log_target=True)     # summed over rows and j
-    return summed_over_processes(kl / (z1.shape[0] * world_size()))   # / N: the mean over rows
+    return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)  # sum / N
 
 
 def simsiam_loss(p1, p2, z1, z2):
@@ -406,84 +403,62 @@ def simsiam_loss(p1, p2, z1, z2):
 
     .. math::  L = -\tfrac{1}{2}\cos(p_1, \mathrm{sg}(z_2)) - \tfrac{1}{2}\cos(p_2, \mathrm{sg}(z_1))
 
-    averaged over the batch (the global one under torchrun). p1, p2, z1, z2: (N, d)."""
-    total = (F.cosine_similarity(p1, z2.detach(), dim=1).sum()
-             + F.cosine_similarity(p2, z1.detach(), dim=1).sum())
-    return summed_over_processes(-total / (2 * p1.shape[0] * world_size()))
+    averaged over the batch. p1, p2, z1, z2: (N, d)."""
+    return -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
+             + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2
 
 
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
+# ---- The training step -------------------------------------------------------------------------
 class NonFiniteLoss(Exception):
     """A loss became NaN or infinite: the run stops before that step changes any weight."""
 
 
-def ssl_forward(net, x1, x2, temperature, amp=False):
+def ssl_loss(net, x1, x2, temperature, amp=False):
     """One network on its two views: (its SSL loss, the two (N, d) matrices that its KL term
     compares). SimCLR: NT-Xent, and the projections of both views. SimSiam: its own loss, and the
     prediction of view 1 against the projection of view 2, the pair that SimSiam itself aligns.
-    net: an SSLNet, as it is or wrapped by DDP or torch.compile. amp: bfloat16 autocast."""
+    net: an SSLNet, as it is or DDP-wrapped. amp: bfloat16 autocast for the network."""
     x = torch.cat([x1, x2])
     if x.is_cuda:  # the networks are stored channels-last on GPUs, the faster layout for cuDNN
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         z, p = net(x)
     # The losses stay in float32: softmax over 2N logits at t = 0.1 needs more than bf16's 8 bits.
-    z1, z2 = z.float().chunk(2)                                         # (B, d) each
+    # Under torchrun, gather makes every loss that of the global batch: every anchor meets all
+    # 2N - 2 negatives (see GatherRows for why the gradients then need no rescaling).
+    z1, z2 = (gather(t) for t in z.float().chunk(2))                    # (N, d) each
     if p is None:
         return nt_xent(z1, z2, temperature), (z1, z2)
-    p1, p2 = p.float().chunk(2)
+    p1, p2 = (gather(t) for t in p.float().chunk(2))
     return simsiam_loss(p1, p2, z1, z2), (p1, z2)
 
 
 def train_step(student, peer, optimizers, views, cfg):
     """One DoGo step on views (B, 4, C, H, W): views 0-1 go to the student, 2-3 to the peer.
-    With peer=None it is a plain SSL step on views 0-1. Returns the loss terms as floats.
+    With peer None it is a plain SSL step on views 0-1. Returns the loss terms as floats.
     Under torchrun, views are this process's share of the batch and the networks DDP-wrapped."""
     amp = views.is_cuda if cfg.amp is None else cfg.amp
-    ssl, (s1, s2) = ssl_forward(student, views[:, 0], views[:, 1], cfg.temperature, amp)
-    terms = {"ssl": ssl}
-    loss = ssl
+    ssl, (s1, s2) = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
+    terms, loss = {"ssl": ssl}, ssl
     if peer is not None:
-        ssl_peer, (q1, q2) = ssl_forward(peer, views[:, 2], views[:, 3], cfg.temperature, amp)
-        terms["kl"] = dogo_kl(s1, s2, q1, q2, cfg.kd_temperature)       # student learns from peer
+        ssl_peer, (q1, q2) = ssl_loss(peer, views[:, 2], views[:, 3], cfg.temperature, amp)
+        terms["kl"] = dogo_kl(s1, s2, q1, q2, cfg.kd_temperature)       # the student learns from its peer
         terms["ssl_peer"] = ssl_peer
-        terms["kl_peer"] = dogo_kl(q1, q2, s1, s2, cfg.kd_temperature)  # peer learns from student
-        loss = (loss + cfg.kd_weight * terms["kl"]
-                + terms["ssl_peer"] + cfg.peer_kd_weight * terms["kl_peer"])
+        terms["kl_peer"] = dogo_kl(q1, q2, s1, s2, cfg.kd_temperature)  # and the peer from the student
+        loss = loss + cfg.kd_weight * terms["kl"] + ssl_peer + cfg.peer_kd_weight * terms["kl_peer"]
     if not torch.isfinite(loss):
         raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()))
     # dogo_kl detaches its target, so each network's loss depends on its own weights only: one
     # backward of the sum gives every network exactly the gradient of its own loss.
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    # Under torchrun each process's backward already gives the global batch's gradient for its
-    # own images; the weights' gradient is the sum over processes, and DDP averages: so * world.
-    (loss * world_size()).backward()
+    loss.backward()
     for opt in optimizers:
         opt.step()
     return {k: v.item() for k, v in terms.items()}
 
 
-def seed_of(cfg, rank, step):
-    """A seed of its own for each process and each start of a run (a resumed run draws anew)."""
-    return int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0])
-
-
-def make_loader(data, cfg, device, rank=0, world=1, step=0):
-    """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip)
-    before each epoch. Its worker processes live for the whole run (persistent_workers): no start-up
-    cost per epoch. step: where the run starts, so that a resumed run draws new augmentations."""
-    order = EpochOrder(data, cfg.seed * 100003, rank, world)
-    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=order,
-                      drop_last=True,  # every step has the same number of negatives
-                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
-                      pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
-                      generator=torch.Generator().manual_seed(seed_of(cfg, rank, step)),
-                      worker_init_fn=ignore_ctrl_c)
-
-
+# ---- The training loop and its checkpoints -----------------------------------------------------
 def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0):
     """Atomically (temporary file, then rename): a crash never leaves a half-written checkpoint.
     Only tensors and plain Python values, so that it loads with torch.load(weights_only=True)."""
@@ -513,11 +488,17 @@ def load_checkpoint(path, flag="--resume"):
     return ckpt
 
 
+def config_from_checkpoint(ckpt):
+    """The Config a checkpoint was trained with (fields unknown to this version are dropped)."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
+
+
 def resolve_config(cfg, given=frozenset()):
-    """Check cfg and fill in what depends on other flags. With --resume, the checkpoint's config
-    with the flags given now applied, except that those which define the networks and the data
-    must agree with it. Returns (config, checkpoint or None)."""
-    check_flags(cfg)
+    """The config to run, and the checkpoint to resume from (or None). `given`: the flags set on
+    the command line. With --resume, the checkpoint's config, overridden by the flags given now
+    except those that define the networks and the data, which must agree with it."""
+    check_config(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     ckpt = None
     if cfg.resume:
@@ -535,11 +516,11 @@ def resolve_config(cfg, given=frozenset()):
     return cfg, ckpt
 
 
-def restore(ckpt, networks, optimizers, cfg, device):
-    """Load networks, optimiser states and RNG state from a checkpoint; returns its step."""
-    if (ckpt["peer"] is None) != (len(networks) == 1):
+def restore(ckpt, student, peer, optimizers, cfg, device):
+    """Load the networks, their optimisers and the RNG state from a checkpoint; returns its step."""
+    if (ckpt["peer"] is None) != (peer is None):
         raise UsageError(f"--resume {cfg.resume}: its peer does not match --peer {cfg.peer}")
-    for net, opt, name in zip(networks, optimizers, ("student", "peer")):
+    for net, opt, name in zip((student, peer), optimizers, ("student", "peer")):
         net.load_state_dict(ckpt[name])
         opt.load_state_dict(ckpt[name + "_opt"])
         for group in opt.param_groups:  # a --lr given now wins over the saved one
@@ -550,97 +531,53 @@ def restore(ckpt, networks, optimizers, cfg, device):
     return ckpt["step"]
 
 
-def build_training(cfg, device, world, ckpt=None):
-    """(student, peer, optimisers, step to start from, runners). The runners are what train_step
-    calls: the same networks, wrapped by DDP under torchrun and compiled with --compile."""
-    student, peer = build_networks(cfg)
-    if cfg.sync_bn and world > 1:  # else each process normalises over its own batch_size / world images
-        student, peer = (n and nn.SyncBatchNorm.convert_sync_batchnorm(n) for n in (student, peer))
+def networks_on(device, cfg):
+    """[student, peer or None] on the device, from cfg.seed: the same initial weights in every process."""
+    torch.manual_seed(cfg.seed)
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    networks = [n.to(device, memory_format=layout) for n in (student, peer) if n is not None]
-    optimizers = build_optimizers(networks, cfg)
-    step = restore(ckpt, networks, optimizers, cfg, device) if ckpt else 0
-    runners = []
-    for net in networks:
-        if world > 1:  # DDP averages the gradients over the processes during the backward pass
-            net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
-        runners.append(torch.compile(net) if cfg.compile else net)
-    return student, peer, optimizers, step, (runners + [None])[:2]
+    return [net and net.to(device, memory_format=layout) for net in build_networks(cfg)]
 
 
-def benchmark(cfg, rank, world, device, warmup=3):
-    """--benchmark: where the time of a training step goes, measured on synthetic images. Prints
-    (process 0) `benchmark: {json}` with images_per_s (images, not views, of the global batch),
-    step_ms (a whole step: the loader's batch, both networks, all loss terms, both updates),
-    model_only_ms (the same step on views made beforehand), loss_ms (the NT-Xent and KL terms of
-    both networks, forward and backward, on fixed projections), data_ms (making one step's views
-    in one process, work that the loader spreads over its workers), peak_mem_mb (of the GPU; on
-    CPU the process's peak resident memory) and device. --max-steps sets the timed steps (5)."""
-    steps = cfg.max_steps or 5
-    data = ssl_views(SyntheticShapes(cfg.batch_size * (warmup + steps), cfg.img_size), cfg)
-    _, peer, optimizers, _, (run_student, run_peer) = build_training(cfg, device, world)
-    loader = make_loader(data, cfg, device, rank, world)
-    loader.sampler.start(0)
-    local = cfg.batch_size // world
-    ms_per_call = lambda fn: time_calls(fn, calls=steps, warmup=warmup, device=device)
-    batches = iter(loader)
-    step_ms = ms_per_call(lambda: train_step(run_student, run_peer, optimizers,
-                                             ready_views(next(batches)[0], cfg, device), cfg))
-    make_views = lambda: ready_views(torch.stack([data[i][0] for i in range(local)]), cfg, device)
-    data_ms = ms_per_call(make_views)
-    views = make_views()
-    model_only_ms = ms_per_call(lambda: train_step(run_student, run_peer, optimizers, views, cfg))
-    z = [torch.randn(local, cfg.proj_dim, device=device, requires_grad=True) for _ in range(4)]
-
-    def losses():  # train_step's four terms (two with --peer none), as if both peers used SimCLR
-        loss = nt_xent(z[0], z[1], cfg.temperature)
-        if peer is not None:
-            loss = (loss + cfg.kd_weight * dogo_kl(*z, cfg.kd_temperature) + nt_xent(z[2], z[3], cfg.temperature)
-                    + cfg.peer_kd_weight * dogo_kl(z[2], z[3], z[0], z[1], cfg.kd_temperature))
-        loss.backward()
-    loss_ms = ms_per_call(losses)
-    result = dict(images_per_s=cfg.batch_size / step_ms * 1000, step_ms=step_ms, model_only_ms=model_only_ms,
-                  loss_ms=loss_ms, data_ms=data_ms, peak_mem_mb=peak_memory_mb(device))
-    result = {k: round(v, 2) for k, v in result.items()}
-    result["device"] = f"{world} x {device.type}" if world > 1 else str(device)
-    if rank == 0:
-        print(f"{cfg.arch} + peer {cfg.peer}, batch {cfg.batch_size} at {cfg.img_size} px: {warmup} warm-up "
-              f"and {steps} timed calls of each part\nbenchmark: {json.dumps(result)}", flush=True)
-    return result
+def runner(net, cfg, device, world):
+    """What train_step calls for net (None stays None). Under torchrun: net wrapped by DDP, which
+    averages the gradients over the processes during the backward pass, and with --sync-bn its
+    BatchNorm layers normalising over the global batch. With --compile: compiled in place. The
+    weights stay net's own, the ones that checkpoints save."""
+    if net is not None and world > 1:
+        if cfg.sync_bn:  # in place: the optimiser's parameters stay the same objects
+            nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+    if net is not None and cfg.compile:
+        net.compile()
+    return net
 
 
-def train(cfg, given=frozenset()):
-    """Train cfg.arch with its peer (or alone, with --peer none); returns (student, peer).
-    `given`: the names of the flags set on the command line, which override a resumed config.
-    Under torchrun every process runs this; only process 0 prints and writes files."""
-    cfg, ckpt = resolve_config(cfg, given)
-    rank, world, device = init_distributed(cfg)
-    torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once
-    if cfg.benchmark:
-        return benchmark(cfg, rank, world, device)
-    base = load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size)
-    data = ssl_views(base, cfg)
+def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
+    """Train the student with its peer (or alone) as cfg says, from scratch or from a checkpoint
+    (resolve_config gives both); returns (student, peer). Under torchrun every process runs this
+    on its own share of each batch; process 0 alone prints and writes files."""
+    data = training_set(load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size), cfg)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
                          f"images; use a smaller batch")
     total_steps = cfg.epochs * steps_per_epoch
     total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-
-    student, peer, optimizers, step, (run_student, run_peer) = build_training(cfg, device, world, ckpt)
+    student, peer = networks_on(device, cfg)
+    optimizers = build_optimizers([student, peer], cfg)
+    step = restore(ckpt, student, peer, optimizers, cfg, device) if ckpt else 0
+    run_student, run_peer = (runner(net, cfg, device, world) for net in (student, peer))
     if rank:  # other augmentations in each process (the weights stay in step through DDP)
         torch.manual_seed(seed_of(cfg, rank, step))
     loader = make_loader(data, cfg, device, rank, world, step)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    paths = {k: os.path.join(cfg.out_dir, k) for k in ("checkpoint.pt", "metrics.csv", "losses.png")}
     say = print if rank == 0 else lambda *args, **kwargs: None
+    paths = {k: os.path.join(cfg.out_dir, k) for k in ("checkpoint.pt", "metrics.csv", "losses.png")}
+    if rank == 0:
+        prepare_out_dir(cfg.out_dir)
     if ckpt is None and os.path.exists(paths["checkpoint.pt"]):
         say(f"note: {cfg.out_dir} holds an earlier run, which this one replaces "
             f"(to continue it instead: --resume {paths['checkpoint.pt']})")
-    rows = read_metrics(paths["metrics.csv"], step)
-    pair = cfg.arch if cfg.peer == "none" else f"{cfg.arch} + peer {cfg.peer}"
+    pair = cfg.arch if peer is None else f"{cfg.arch} + peer {cfg.peer}"
     where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
     say(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
         f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
@@ -649,7 +586,7 @@ def train(cfg, given=frozenset()):
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
 
-    progress = Progress(paths["metrics.csv"], rows, cfg.batch_size, total_steps, cfg.epochs)
+    log = Progress(paths["metrics.csv"], read_metrics(paths["metrics.csv"], step), cfg, total_steps)
     stop = False
     with StopOnCtrlC(quiet=rank > 0) as ctrl_c:
         while step < total_steps and not stop:
@@ -657,21 +594,20 @@ def train(cfg, given=frozenset()):
             loader.sampler.start(epoch, skip=step % steps_per_epoch * (cfg.batch_size // world))
             for batch, _ in loader:
                 try:
-                    views = ready_views(batch, cfg, device)
-                    progress.add(train_step(run_student, run_peer, optimizers, views, cfg))
+                    log.add(train_step(run_student, run_peer, optimizers, to_views(batch, cfg, device), cfg))
                 except NonFiniteLoss as err:  # the checkpoint on disk is the last good state
                     raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before "
                                         f"updating the weights or the checkpoint; try a lower --lr") from None
                 step += 1
                 stop = any_process(ctrl_c.requested, device)
                 if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or stop):
-                    progress.log(epoch + 1, step)
+                    log.write(epoch + 1, step)
                 if step == total_steps or stop:
                     break
             if rank == 0:  # end of an epoch, of the run, or Ctrl-C
                 save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers,
                                 epoch=step // steps_per_epoch)
-                plot_losses(progress.rows, paths["losses.png"])
+                plot_losses(log.rows, paths["losses.png"])
     if stop:
         say(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "
             f"python dogo.py --resume {paths['checkpoint.pt']}")
@@ -681,9 +617,17 @@ def train(cfg, given=frozenset()):
 
 
 def main(argv=None):
+    """The command line: train, or --benchmark. Errors the user can fix: one line, exit 2."""
     try:
-        cfg, given = parse_flags(Config, argv)
-        train(cfg, given)
+        cfg, given = parse_flags(Config, argv, "dogo.py", __doc__.splitlines()[0])
+        cfg, ckpt = resolve_config(cfg, given)
+        rank, world, device = init_distributed(cfg)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once
+        if cfg.benchmark:
+            benchmark(cfg, rank, world, device)
+        else:
+            train(cfg, ckpt, rank, world, device)
     except (UsageError, NonFiniteLoss) as err:
         if int(os.environ.get("RANK", 0)):  # torchrun stops all processes when the first one
             time.sleep(5)                   # ends: let process 0 say it, once, when all agree
@@ -694,6 +638,451 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+# ================================================================================================
+# Plumbing: how the script runs, not what it computes
+# ================================================================================================
+# ---- Flags: a config dataclass becomes the command line ----------------------------------------
+class UsageError(Exception):
+    """A problem the user can fix (a flag, a path, missing data): reported as one line, exit 2."""
+
+
+class FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the problem, instead of the usage and exit
+        raise UsageError(f"{message} (see python {self.prog} --help)")
+
+
+def parse_flags(config_class, argv=None, prog="dogo.py", description=None):
+    """(config, names of the flags given) from the command line; one flag per field of the config
+    dataclass, with the field's help and choices."""
+    # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
+    parser = FlagParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(config_class):
+        choices = f.metadata["choices"]
+        default = "" if f.default is None else f" (default: {f.default!r})"  # None: told in the help
+        if f.type is bool:  # --amp and --no-amp
+            kind = dict(action=argparse.BooleanOptionalAction)
+        elif choices:
+            kind = dict(type=f.type, choices=choices, metavar="{" + ",".join(c or "''" for c in choices) + "}")
+        else:
+            kind = dict(type=f.type, metavar=f.type.__name__.upper())
+        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"] + default, **kind)
+    given = vars(parser.parse_args(argv))
+    return config_class(**given), set(given)
+
+
+# ---- Devices and processes (torchrun) ----------------------------------------------------------
+def pick_device(name):
+    """'auto' means CUDA when there is a GPU, else CPU."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
+    return device
+
+
+def init_distributed(cfg):
+    """(rank, world size, device). torchrun starts the processes and tells each its RANK,
+    LOCAL_RANK and WORLD_SIZE; they join one process group: NCCL between GPUs (one GPU per
+    process), gloo on CPU. A plain `python dogo.py` is process 0 of 1."""
+    device = pick_device(cfg.device)
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    world = int(os.environ["WORLD_SIZE"])
+    if cfg.batch_size % world:
+        raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
+                         f"give a multiple of {world} (it is the global batch, over all processes)")
+    if cfg.sync_bn and device.type != "cuda":
+        raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU; drop the flag")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+class GatherRows(torch.autograd.Function):
+    """all_gather whose backward sums, over the processes, the gradients for this process's rows.
+
+    Every process computes the same global loss from the gathered rows, so the sum is W times one
+    process's gradient; DDP averages the weights' gradients over the W processes, which leaves
+    exactly the gradient of one process holding the whole batch. (PyTorch's own differentiable
+    all_gather is deprecated in torch 2.14, its replacement private: hence these few lines.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+def gather(x):
+    """(n, ...) on each of W processes -> (W * n, ...), in rank order; x itself without torchrun."""
+    return GatherRows.apply(x) if dist.is_initialized() else x
+
+
+def any_process(value, device):
+    """True on every process when it is True on one: all must stop at the same step."""
+    if not dist.is_initialized():
+        return value
+    value = torch.tensor(float(value), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
+class EpochOrder(DistributedSampler):
+    """This process's share of each epoch's order, which (seed, epoch) fix. Process r of W takes
+    positions r, r + W, r + 2W, ...: the k-th batches of all processes together hold the images of
+    the k-th batch of one process, so the global batches do not depend on W. start(epoch, skip)
+    skips the first images of this share, those that a resumed run has already trained on."""
+
+    def __init__(self, data, seed, rank=0, world=1):
+        super().__init__(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def start(self, epoch, skip=0):
+        self.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+def seed_of(cfg, rank, step):
+    """A seed of its own for each process and each start of a run (a resumed run draws anew)."""
+    return int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0])
+
+
+def make_loader(data, cfg, device, rank=0, world=1, step=0):
+    """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip)
+    before each epoch. Its worker processes live for the whole run (persistent_workers): no start-up
+    cost per epoch. step: where the run starts, so that a resumed run draws new augmentations."""
+    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
+                      drop_last=True,  # every step has the same number of negatives
+                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                      pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
+                      generator=torch.Generator().manual_seed(seed_of(cfg, rank, step)),
+                      worker_init_fn=ignore_ctrl_c)
+
+
+# ---- Ctrl-C, the output folder, the metrics log and its plot -----------------------------------
+def ignore_ctrl_c(worker_id):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+class StopOnCtrlC:
+    """First Ctrl-C: finish the current step, save, and exit. A second Ctrl-C aborts at once.
+    quiet: say nothing (under torchrun, every process gets the Ctrl-C; process 0 speaks)."""
+    requested = False
+
+    def __init__(self, quiet=False):
+        self.quiet = quiet
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+        if not self.quiet:
+            print("\nCtrl-C: saving after this step (Ctrl-C again aborts without saving)", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def prepare_out_dir(path):
+    """Make --out-dir and check that files can be written there, before the first step."""
+    probe = os.path.join(path, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"--out-dir {path}: cannot write there ({err.strerror or err}); "
+                         f"give a writable folder") from None
+
+
+class Progress:
+    """Averages the loss terms over each --log-every interval; prints one line per interval and
+    keeps the same numbers as the rows of metrics.csv, rewritten whole (and atomically) each time."""
+
+    def __init__(self, csv_path, rows, cfg, total_steps):
+        self.csv_path, self.rows, self.cfg, self.total_steps = csv_path, rows, cfg, total_steps
+        self.sums, self.count, self.tick = {}, 0, time.time()
+
+    def add(self, terms):
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def write(self, epoch, step):
+        speed = self.count * self.cfg.batch_size / (time.time() - self.tick)
+        means = {k: v / self.count for k, v in self.sums.items()}
+        self.rows.append({"epoch": epoch, "step": step, **means, "images_per_s": speed})
+        with open(self.csv_path + ".tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(self.rows[-1]))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(self.csv_path + ".tmp", self.csv_path)
+        eta = (self.total_steps - step) * self.cfg.batch_size / speed
+        print(f"epoch {epoch}/{self.cfg.epochs} step {step}/{self.total_steps} | "
+              + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+              + f" | {speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
+        self.sums, self.count, self.tick = {}, 0, time.time()
+
+
+def read_metrics(csv_path, until_step):
+    """The rows of metrics.csv up to until_step: a resumed run drops the rows logged after its
+    checkpoint (steps that a crash lost); a new run (step 0) starts with none."""
+    if until_step == 0 or not os.path.exists(csv_path):
+        return []
+    with open(csv_path, newline="") as f:
+        return [r for r in csv.DictReader(f) if int(r["step"]) <= until_step]
+
+
+def plot_losses(rows, png_path):
+    """losses.png from the rows of metrics.csv: each network's SSL term, and each one's KL term."""
+    from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebooks alone
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, term in zip(fig.subplots(1, 2), ("ssl", "kl")):
+        for key, who in ((term, "student"), (f"{term}_peer", "peer")):
+            if key in rows[0]:
+                ax.plot(steps, [float(r[key]) for r in rows], label=who,
+                        marker="o" if len(rows) < 30 else None)  # a lone point shows too
+        ax.set(title={"ssl": "SSL loss", "kl": "KL to the peer"}[term], xlabel="step", ylabel="loss")
+        if ax.lines:
+            ax.legend()
+    fig.savefig(png_path + ".tmp.png")
+    os.replace(png_path + ".tmp.png", png_path)
+
+
+# ---- The synthetic dataset, for offline runs and tests -----------------------------------------
+class SyntheticShapes(Dataset):
+    """A small labelled image dataset made in memory, deterministic for a given split and size.
+
+    Ten classes: five shapes (disk, square, triangle, ring, cross) and five textures (horizontal,
+    vertical and diagonal stripes, checkerboard, dots), each under a random foreground and
+    background colour, position, scale (or period) and a little pixel noise. A network has to
+    learn shape and texture, since colour and position carry no information about the class.
+    Items are (uint8 tensor 3 x S x S, label), as torchvision datasets give (PIL image, label).
+    """
+    classes = ("disk", "square", "triangle", "ring", "cross",
+               "hstripes", "vstripes", "diagonal", "checker", "dots")
+
+    def __init__(self, size=2000, img_size=32, train=True):
+        rng = np.random.default_rng(0 if train else 1)  # disjoint train and test images
+        self.targets = [i % len(self.classes) for i in range(size)]
+        self.images = torch.from_numpy(np.stack([self._draw(c, img_size, rng) for c in self.targets]))
+
+    @staticmethod
+    def _draw(label, s, rng):
+        y, x = np.mgrid[0:s, 0:s] / s                    # pixel centres in [0, 1)
+        cx, cy = rng.uniform(0.3, 0.7, size=2)
+        r = rng.uniform(0.15, 0.35)                      # shape radius, as a fraction of the image
+        period = rng.uniform(0.12, 0.3)                  # texture period, likewise
+        phase = rng.uniform(0, 1)
+        dx, dy = x - cx, y - cy
+        masks = [
+            dx ** 2 + dy ** 2 < r ** 2,                                          # disk
+            np.maximum(abs(dx), abs(dy)) < r * 0.8,                              # square
+            (dy < r * 0.7) & (dy > 2 * abs(dx) - r),                             # triangle
+            abs(np.sqrt(dx ** 2 + dy ** 2) - r * 0.8) < r * 0.25,                # ring
+            (np.minimum(abs(dx), abs(dy)) < r * 0.3) & (np.maximum(abs(dx), abs(dy)) < r),  # cross
+            (y / period + phase) % 1 < 0.5,                                      # hstripes
+            (x / period + phase) % 1 < 0.5,                                      # vstripes
+            ((x + y) / period + phase) % 1 < 0.5,                                # diagonal
+            ((x / period + phase) % 1 < 0.5) ^ ((y / period + phase) % 1 < 0.5),  # checker
+            ((x / period + phase) % 1 - 0.5) ** 2 + ((y / period + phase) % 1 - 0.5) ** 2 < 0.09,
+        ]
+        fg, bg = rng.uniform(0, 1, size=(2, 3, 1, 1))
+        bg = np.where(abs(fg - bg) < 0.3, 1 - fg, bg)    # keep foreground and background apart
+        img = np.where(masks[label], fg, bg) + rng.normal(0, 0.03, size=(3, s, s))
+        return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.images[i], self.targets[i]
+
+
+
+# ---- --benchmark: where the time of a training step goes ---------------------------------------
+def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
+    """--benchmark: how fast training runs at this set-up, and what bounds it, on synthetic images.
+    Prints (process 0) and returns {images_per_s: whole steps, the loader's batches included;
+    loader_images_per_s: the loader alone; model_images_per_s: train_step on views made
+    beforehand; bound_by: data or model; peak_mem_mb; device}. Images of the global batch, after
+    enough untimed batches to drain the loader's queue. --max-steps: the timed steps (10)."""
+    steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # the loader prefetches 2 per worker
+    data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
+    student, peer = networks_on(device, cfg)
+    optimizers = build_optimizers([student, peer], cfg)
+    run_student, run_peer = (runner(net, cfg, device, world) for net in (student, peer))
+    loader = make_loader(data, cfg, device, rank, world)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPUs run asynchronously
+
+    def images_per_s(use, batches):
+        for i, batch in enumerate(batches):
+            if i == drain:
+                sync()
+                tick = time.perf_counter()
+            use(batch)
+        sync()
+        return cfg.batch_size * (i + 1 - drain) / (time.perf_counter() - tick)
+
+    def step(views):
+        return train_step(run_student, run_peer, optimizers, views, cfg)
+
+    loader.sampler.start(0)
+    loader_speed = images_per_s(lambda batch: to_views(batch[0], cfg, device), loader)
+    loader.sampler.start(1)
+    speed = images_per_s(lambda batch: step(to_views(batch[0], cfg, device)), loader)
+    views = to_views(next(iter(loader))[0], cfg, device)
+    model_speed = images_per_s(lambda _: step(views), range(drain + steps))
+    result = dict(images_per_s=speed, loader_images_per_s=loader_speed, model_images_per_s=model_speed,
+                  bound_by="data" if loader_speed < model_speed else "model",
+                  peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+                  device=f"{world} x {device.type}" if world > 1 else str(device))
+    result = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
+    if rank == 0:
+        print(f"{cfg.arch} + peer {cfg.peer}, batch {cfg.batch_size} at {cfg.img_size} px, {cfg.workers} "
+              f"loader workers: {steps} timed steps after {drain}\nbenchmark: {json.dumps(result)}", flush=True)
+    return result
+
+
+# ---- SimCLR's augmentation on the device, a batch at a time (--gpu-augment) --------------------
+# ssl_augmentation batched: the same steps, constants and distributions as the per-image
+# torchvision pipeline, run on the batch's own device, with every image drawing its own crop, flip,
+# jitter factors and order, grayscale and blur. All randomness comes from uniform() with
+# `generator`: seeded, it makes the output reproducible; it must live on the images' device.
+def uniform(x, generator, *shape):
+    """Draws from U[0, 1) of the given shape, on the device of x."""
+    return torch.rand(*shape, generator=generator, device=x.device)
+
+
+def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), generator=None):
+    """RandomResizedCrop + RandomHorizontalFlip, float (B, C, H, W) -> (B, C, size, size). Like
+    torchvision, each image tries 10 (area, aspect ratio) draws and keeps the first integer box that
+    fits in the image: we draw all 10 at once and find the first fit with argmax."""
+    B, _, H, W = x.shape
+    u = uniform(x, generator, B, 10, 2)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])  # log-uniform aspect ratio
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
+    fits = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first box that fits
+    w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+    # No fit in 10 tries: central crop of the whole image, clamped to the allowed aspect ratios.
+    ok = fits.any(dim=1)
+    w = torch.where(ok, w, round(H * ratio[1]) if W / H > ratio[1] else W)
+    h = torch.where(ok, h, round(W / ratio[0]) if W / H < ratio[0] else H)
+    # Top-left corner uniform over the integer positions (torch.randint in torchvision).
+    pos = uniform(x, generator, B, 2)
+    left = torch.where(ok, torch.floor(pos[:, 0] * (W - w + 1)), (W - w) // 2)
+    top = torch.where(ok, torch.floor(pos[:, 1] * (H - h + 1)), (H - h) // 2)
+    # Bilinear resize of the box, torchvision's half-pixel convention: output pixel i reads input
+    # x = left + (i + 0.5) * w / size - 0.5, clamped to the box (as if the crop were cut out first).
+    centres = (torch.arange(size, device=x.device) + 0.5) / size
+    xs = (left[:, None] + centres * w[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
+    ys = (top[:, None] + centres * h[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
+    flip = uniform(x, generator, B, 1) < 0.5
+    xs = torch.where(flip, xs.flip(1), xs)  # horizontal flip = read the columns right to left
+    # grid_sample wants (x, y) in [-1, 1], -1 and 1 the outer pixel edges (align_corners=False).
+    grid = torch.stack(torch.broadcast_tensors((2 * xs[:, None, :] + 1) / W - 1,
+                                               (2 * ys[:, :, None] + 1) / H - 1), dim=-1)
+    # Plain bilinear: torchvision antialiases when it shrinks a crop, a small change at these
+    # sizes (and none for CIFAR, whose crops are only ever enlarged).
+    return F.grid_sample(x, grid, mode="bilinear", align_corners=False)
+
+
+def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W); torchvision's weights (0.2989, not the usual 0.299)
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def _shift_hue(x, shift):
+    """Rotate the hue of RGB images in [0, 1] by shift (B, 1, 1) turns, keeping saturation and value."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    chroma = v - x.amin(1)
+    c = torch.where(chroma > 0, chroma, 1.0)  # gray pixels: avoid 0/0 (their hue does not matter)
+    hue = torch.where(r == v, (g - b) / c, torch.where(g == v, 2 + (b - r) / c, 4 + (r - g) / c))
+    hue6 = (hue + 6 * shift) % 6  # the new hue, in sixths of a turn
+    s = chroma / torch.where(v > 0, v, 1.0)
+    # HSV -> RGB: channel n (5 for R, 3 for G, 1 for B) is v * (1 - s * clamp(min(k, 4 - k), 0, 1)).
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue6[:, None]) % 6
+    return v[:, None] * (1 - s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
+
+
+def color_jitter_grayscale(x, jitter=JITTER, p_jitter=P_JITTER, p_gray=P_GRAY, generator=None):
+    """RandomApply(ColorJitter(*jitter), p=p_jitter) then RandomGrayscale(p=p_gray), jitter <= 1."""
+    B = x.shape[0]
+    # Brightness, contrast, saturation factors ~ U[1 - j, 1 + j] (a 4th, unused, keeps indexing simple).
+    factors = 1 + torch.tensor([*jitter[:3], 0.0], device=x.device) * (2 * uniform(x, generator, B, 4) - 1)
+    hue = jitter[3] * (2 * uniform(x, generator, B, 1, 1) - 1)  # in turns, ~ U[-j, j]
+    order = uniform(x, generator, B, 4).argsort(dim=1)  # a random permutation per image
+    out = x
+    for step in range(4):
+        op = order[:, step].view(B, 1, 1, 1)  # 0 brightness, 1 contrast, 2 saturation, 3 hue
+        # The first three blend the image with a reference: black, the mean gray level, the gray image.
+        gray = _gray(out)
+        ref = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
+        f = factors.gather(1, order[:, step:step + 1]).view(B, 1, 1, 1)
+        new = torch.lerp(ref, out, f).clamp(0, 1)  # f * out + (1 - f) * ref, clamped as in torchvision
+        # Hue is the costly step: convert just the images whose turn it is (on a GPU the boolean
+        # indexing costs a sync, cheaper than shifting the hue of every image four times).
+        is_hue = order[:, step] == 3
+        new[is_hue] = _shift_hue(out[is_hue], hue[is_hue])
+        out = new
+    out = torch.where(uniform(x, generator, B, 1, 1, 1) < p_jitter, out, x)
+    return torch.where(uniform(x, generator, B, 1, 1, 1) < p_gray, _gray(out).expand_as(out), out)
+
+
+def _random_blur(x, kernel_size, generator=None):
+    """With p=P_BLUR per image, a Gaussian blur with its own sigma ~ U[BLUR_SIGMA], reflect padding."""
+    B, C, H, W = x.shape
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * uniform(x, generator, B, 1)
+    t = torch.arange(kernel_size, device=x.device) - kernel_size // 2
+    kernel = torch.softmax(-0.5 * (t / sigma) ** 2, dim=1).repeat_interleave(C, dim=0)  # (B*C, K)
+    # One depthwise conv over all B*C channels applies every image's own kernel; the 2D Gaussian
+    # is separable: a vertical then a horizontal pass.
+    y = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C).view(B, C, H, W)
+    return torch.where(uniform(x, generator, B, 1, 1, 1) < P_BLUR, y, x)
+
+
+def batch_ssl_augmentation(images, img_size, mean, std, generator=None):
+    """images: (B, 3, H, W) uint8 (or float in [0,1]) on any device; returns (B, 3, img_size, img_size)
+    float32, normalised with mean/std, each image with its own random draw."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x = random_resized_crop_flip(x, img_size, generator=generator)
+    x = color_jitter_grayscale(x, generator=generator)
+    if blur_kernel_size(img_size):
+        x = _random_blur(x, blur_kernel_size(img_size), generator=generator)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (x - mean) / std
 
 
 if __name__ == "__main__":

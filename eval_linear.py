@@ -21,6 +21,7 @@ File layout: config, labels (few and noisy), encoder, features, the three protoc
 import contextlib
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 import dogo
-from runtime import UsageError, check_flags, device_flag, flag, parse_flags, pick_device, workers_flag
+from dogo import UsageError, flag, parse_flags, pick_device, require
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,37 +50,35 @@ class EvalConfig:
     arch: str = flag("", "architecture for --checkpoint random ('' = resnet18); a checkpoint "
                          "names its own", ("",) + dogo.ARCHS)
     img_size: int = flag(0, "input size for --checkpoint random (0 = the dataset's own); a "
-                            "checkpoint's encoder always sees the size it was trained at", at_least=0)
+                            "checkpoint's encoder always sees the size it was trained at")
     # data
     dataset: str = flag("", "'' = the checkpoint's (cifar10 for random); any other is an "
                             "out-of-distribution evaluation", ("",) + tuple(dogo.DATASETS))
     data_dir: str = flag("", "'' = the checkpoint's --data-dir (./data for random); for "
                              "imagefolder, a folder with train/ and test/ or val/")
     synthetic_size: int = flag(0, "images in the synthetic training split (test: a quarter); "
-                                  "0 = the checkpoint's (2000 for random)", at_least=0)
+                                  "0 = the checkpoint's (2000 for random)")
     # protocol
     protocol: str = flag("linear", "linear: a linear classifier on frozen features; knn: "
                                    "weighted k-nearest neighbours on frozen features; finetune: "
                                    "encoder and a new head trained together",
                          ("linear", "knn", "finetune"))
     label_fraction: float = flag(1.0, "share of the labelled training images kept, stratified "
-                                      "by class (the paper: 0.01 and 0.1)", above=0, at_most=1)
-    label_noise: float = flag(0.0, "share of the kept training labels changed to a wrong class",
-                              at_least=0, below=1)
+                                      "by class (the paper: 0.01 and 0.1)")
+    label_noise: float = flag(0.0, "share of the kept training labels changed to a wrong class")
     noise_type: str = flag("symmetric", "symmetric: to any other class; asymmetric: to a similar "
                                         "one (CIFAR-10's standard pairs, class c -> c+1 elsewhere)",
                            ("symmetric", "asymmetric"))
     val_fraction: float = flag(0.15, "share of the kept training images held out to choose the "
-                                     "epoch (linear, finetune); 0.15 as in the authors' code",
-                               at_least=0, below=1)
+                                     "epoch (linear, finetune); 0.15 as in the authors' code")
     # optimisation
     epochs: int = flag(100, "epochs of training the classifier (linear) or the whole network "
-                            "(finetune); knn trains nothing", at_least=1)
-    batch_size: int = flag(256, "images (or feature vectors) per step", at_least=1)
-    lr: float = flag(0.0, "Adam learning rate; 0 = 1e-3 for linear, 3e-4 for finetune", at_least=0)
+                            "(finetune); knn trains nothing")
+    batch_size: int = flag(256, "images (or feature vectors) per step")
+    lr: float = flag(0.0, "Adam learning rate; 0 = 1e-3 for linear, 3e-4 for finetune")
     # running
-    workers: int = workers_flag()
-    device: str = device_flag()
+    workers: int = flag(dogo.Config.workers, "data-loading processes; 0 loads in the main process")
+    device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for the label subset, the noise, the validation split and training")
     results: str = flag("", "JSON-lines file that each run appends to; '' = results.jsonl "
                             "beside the checkpoint (in the current folder for random)")
@@ -90,7 +89,14 @@ DEFAULT_LR = {"linear": 1e-3, "finetune": 3e-4}
 
 def check_args(cfg):
     """Refuse values that cannot work: the flags' own choices and bounds, and their combinations."""
-    check_flags(cfg)
+    require(cfg, "label_fraction", lambda v: 0 < v <= 1, "above 0 and at most 1")
+    require(cfg, "label_noise", lambda v: 0 <= v < 1, "at least 0 and below 1")
+    require(cfg, "val_fraction", lambda v: 0 <= v < 1, "at least 0 and below 1")
+    require(cfg, "lr", lambda v: 0 <= v < math.inf, "0 (the default) or a positive number")
+    for name in ("img_size", "synthetic_size", "workers"):
+        require(cfg, name, lambda v: v >= 0, "0 or more")
+    for name in ("epochs", "batch_size"):
+        require(cfg, name, lambda v: v >= 1, "at least 1")
     if not cfg.checkpoint:
         raise UsageError("--checkpoint is missing; give a checkpoint.pt that dogo.py wrote, or random")
     if cfg.checkpoint == "random" and cfg.network == "peer":
@@ -603,7 +609,7 @@ def print_summary(r, path):
 def main(argv=None):
     """The command line; returns the result line as a dict, so that Python can drive it too."""
     try:
-        return evaluate(parse_flags(EvalConfig, argv, "eval_linear.py")[0])
+        return evaluate(parse_flags(EvalConfig, argv, "eval_linear.py", __doc__.splitlines()[0])[0])
     except UsageError as err:
         print(f"eval_linear.py: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -74,52 +74,40 @@ def flag(default, help, choices=None):
 class Config:
     # what to train
     arch: str = flag("resnet18", "the student's architecture: the small network DoGo is for", ARCHS)
-    peer: str = flag("resnet50", "the peer's architecture; none: the student alone, the baseline "
-                     "that DoGo is compared against", ARCHS + ("none",))
+    peer: str = flag("resnet50", "the peer's architecture; none = no peer (the baseline)", ARCHS + ("none",))
     objective: str = flag("simclr", "the student's self-supervised task", OBJECTIVES)
     peer_objective: str = flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
     # data
     dataset: str = flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
-    data_dir: str = flag("./data", "where datasets are downloaded to, or the image folder "
-                         "(with train/ and test/ or val/, one sub-folder per class)")
-    img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 for CIFAR and "
-                         "synthetic, 96 for STL-10, 64 for imagefolder)")
+    data_dir: str = flag("./data", "download folder; imagefolder: train/ and test/ or val/, one folder per class")
+    img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 px; STL-10 96, imagefolder 64)")
     synthetic_size: int = flag(2000, "images in the synthetic training split (test: a quarter)")
     # optimisation (the paper's published configuration)
-    epochs: int = flag(200, "passes over the data; 200 is the usual budget of SSL studies on "
-                       "CIFAR-sized data, and SSL keeps improving with longer schedules")
-    max_steps: int = flag(0, "stop after this many training steps in total, counted across "
-                          "resumes; 0 = no cap (for quick runs)")
+    epochs: int = flag(200, "passes over the data (200: the usual budget of SSL studies on CIFAR)")
+    max_steps: int = flag(0, "stop after this many steps in all, counted across resumes; 0 = no cap")
     batch_size: int = flag(256, "images per step (over all processes), each giving 4 views")
     lr: float = flag(3e-4, "Adam learning rate, for both networks")
     weight_decay: float = flag(1e-6, "Adam weight decay")
     temperature: float = flag(0.5, "NT-Xent temperature")
     kd_temperature: float = flag(0.1, "temperature of the similarity distributions in the KL term")
-    kd_weight: float = flag(0.390625, "weight of the student's KL term (KL averaged over rows); "
-                            "0.390625 = 100/256, the authors' weight of 100 with their "
-                            "N*N reduction at batch 256")
-    peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 0.00390625 = 1/256, "
-                                 "the authors' weight of 1 at batch 256")
+    kd_weight: float = flag(0.390625, "weight of the student's KL term (averaged over rows); 100/256: "
+                            "the authors' 100 with their N*N reduction at batch 256")
+    peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 1/256: the authors' 1 at batch 256")
     proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see")
     # running
-    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
-                        "cores, up to 8); 0 loads in the main process")
+    workers: int = flag(min(8, os.cpu_count() or 1),
+                        "data-loading processes (the cores, up to 8); 0 = load in the main process")
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
-    out_dir: str = flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
-                        "or the checkpoint's folder with --resume")
-    resume: str = flag("", "checkpoint.pt to continue from; flags given now override its config, "
-                       "except those that define the networks and data")
+    out_dir: str = flag("", "where outputs go; '' = runs/DATASET_ARCH_PEER, or the --resume checkpoint's folder")
+    resume: str = flag("", "checkpoint.pt to continue; flags given override its config, except networks and data")
     log_every: int = flag(50, "steps between progress lines and rows of metrics.csv")
     # speed (none of these changes the method)
-    amp: bool = flag(None, "bfloat16 autocast for the networks, the losses staying in float32 "
-                     "(default: on with CUDA, off on CPU)")
+    amp: bool = flag(None, "bfloat16 autocast for the networks, not the losses (default: only with CUDA)")
     compile: bool = flag(False, "torch.compile the networks: a slow first step, faster later ones")
     sync_bn: bool = flag(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
-    gpu_augment: bool = flag(False, "augment on the training device, a batch at a time, instead of "
-                             "per image in the loader processes: for GPUs that the CPU cannot feed")
-    benchmark: bool = flag(False, "instead of training, time the parts of a few steps on synthetic "
-                           "data at this --arch, --peer, --batch-size and --img-size")
+    gpu_augment: bool = flag(False, "augment batches on the device, not images in the loader (for fast GPUs)")
+    benchmark: bool = flag(False, "instead of training, time a few steps at these settings on synthetic data")
 
 
 # A resumed run must rebuild exactly the same networks on the same data.

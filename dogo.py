@@ -122,8 +122,7 @@ def require(cfg, name, ok, what):
 
 
 def check_config(cfg):
-    """The numbers that cannot work (argparse has checked types and choices); nan and inf fail
-    every one of these comparisons."""
+    """Refuse the numbers that cannot work (argparse checks types and choices); nan and inf fail all tests."""
     for name in ("lr", "temperature", "kd_temperature"):
         require(cfg, name, lambda v: 0 < v < math.inf, "a positive number")
     for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "workers"):
@@ -136,19 +135,18 @@ def check_config(cfg):
 
 # ---- Data and augmentations --------------------------------------------------------------------
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
-    """The raw (image, label) dataset of one split: 'ssl' (what self-supervision trains on),
-    'train' (the labelled training images) or 'test'. STL-10's 'ssl' adds its unlabeled split."""
+    """The raw (image, label) dataset of one split: 'ssl' (what self-supervision trains on: STL-10 adds its
+    unlabeled images), 'train' (the labelled training images) or 'test'."""
+    train = split != "test"
     if name == "synthetic":  # made in memory: see the plumbing at the end of this file
-        n = synthetic_size if split != "test" else max(synthetic_size // 4, 10)
-        return SyntheticShapes(n, img_size, train=split != "test")
+        return SyntheticShapes(synthetic_size if train else max(synthetic_size // 4, 10), img_size, train=train)
     try:
         if name in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            return cls(data_dir, train=split != "test", download=True)
+            return getattr(torchvision.datasets, name.upper())(data_dir, train=train, download=True)
         if name == "stl10":
             stl_split = {"ssl": "train+unlabeled", "train": "train", "test": "test"}[split]
             return torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
-        folders = ["train"] if split != "test" else ["test", "val"]
+        folders = ["train"] if train else ["test", "val"]
         for folder in folders:
             if os.path.isdir(os.path.join(data_dir, folder)):
                 return torchvision.datasets.ImageFolder(os.path.join(data_dir, folder))
@@ -159,9 +157,8 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
                          f"put the data there, or run offline with --dataset synthetic") from None
 
 
-# SimCLR's augmentation (Chen et al. 2020, Appendix A), shared by the per-image pipeline below and
-# the batched one at the end of this file: crop scale, colour jitter (brightness, contrast,
-# saturation, hue) with its probability, grayscale and blur probabilities, blur sigma range.
+# SimCLR's augmentation (Chen et al. 2020, Appendix A), shared with the batched one at the end of this
+# file. JITTER: the colour jitter's brightness, contrast, saturation and hue.
 CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8
 P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
 
@@ -216,8 +213,8 @@ class AugmentedImages(Dataset):
 
 
 def training_set(base, cfg):
-    """What the loader serves: each image's 4 views (2 with --peer none), or with --gpu-augment
-    the image alone, at the training size, for to_views to augment on the device."""
+    """What the loader serves: each image's views, or with --gpu-augment the image alone at the training
+    size, for to_views to augment on the device."""
     if cfg.gpu_augment:
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
         return AugmentedImages(base, sized, 1)
@@ -242,8 +239,7 @@ class WideBlock(nn.Module):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-                         if stride != 1 or c_in != c_out else None)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
 
     def forward(self, x):
         a = F.relu(self.bn1(x))
@@ -265,13 +261,11 @@ def wide_resnet(depth, width):
 
 def make_encoder(arch, img_size):
     """(encoder, feature size): the backbone without its classifier, (B, 3, S, S) -> (B, features).
-    Below 100 px the ImageNet stems (stride-2 convolution, then max-pool) would shrink a 32 px
-    image to 8 px before the first block: small images get the CIFAR stem instead (a stride-1
-    first convolution, no max-pool). WideResNets are CIFAR networks."""
+    Below 100 px the ImageNet stems (stride-2 convolution, then max-pool) would shrink a 32 px image to
+    8 px before the first block: small images get the CIFAR stem (stride-1 first convolution, no max-pool)."""
     small = img_size < 100
-    if arch.startswith("wrn"):
-        depth, width = (int(n) for n in arch[3:].split("_"))
-        net = wide_resnet(depth, width)
+    if arch.startswith("wrn"):  # a CIFAR network already; wrn16_2: depth 16, width 2
+        net = wide_resnet(*(int(n) for n in arch[3:].split("_")))
     elif arch.startswith("resnet"):
         net = getattr(torchvision.models, arch)(weights=None)
         if small:
@@ -338,18 +332,15 @@ def build_optimizers(networks, cfg):
 
 # ---- Losses: pure functions of the projections of one batch ------------------------------------
 def nt_xent(z1, z2, temperature=0.5):
-    r"""SimCLR's NT-Xent loss over the 2N views of one network (Chen et al. 2020, eq. 1).
-
-    z1, z2: (N, d) projections of the two views of the same N images (row i of z1 and of z2
-    come from image i). With s(a, b) the cosine similarity and t the temperature,
+    r"""SimCLR's NT-Xent loss (Chen et al. 2020, eq. 1). z1, z2: (N, d) projections of the two views of
+    the same N images (row i of each from image i). Over the 2N stacked views, with s the cosine similarity,
+    t the temperature and i^+ the other view of image i (one positive, 2N - 2 negatives per anchor):
 
     .. math::
         \ell_i = -\log \frac{\exp(s(z_i, z_{i^+}) / t)}{\sum_{k \ne i} \exp(s(z_i, z_k) / t)},
         \qquad L = \frac{1}{2N} \sum_{i=1}^{2N} \ell_i
 
-    over the 2N stacked views, where i^+ is the other view of image i: one positive and 2N - 2
-    negatives per anchor. One (2N, 2N) matrix product: memory O(N^2), never an (N, N, d) tensor.
-    """
+    One (2N, 2N) matrix product: memory O(N^2), never an (N, N, d) tensor."""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)                       # (2N, d), unit rows
     logits = z @ z.T / temperature                                    # (2N, 2N)
@@ -359,21 +350,17 @@ def nt_xent(z1, z2, temperature=0.5):
 
 
 def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
-    r"""DoGo's distillation term KL(Q || P): this network's similarity distribution P is pulled
-    towards its peer's, Q, which is a fixed target here (the peer side is detached).
-
-    z1, z2: (N, d) this network's projections of its two views; z1_peer, z2_peer: the peer's,
-    of its own two views of the same N images. With t = temperature,
+    r"""DoGo's distillation term KL(Q || P): this network's similarity distribution P is pulled towards
+    its peer's, Q, a fixed target (the peer side is detached). z1, z2: (N, d) this network's projections
+    of its two views; z1_peer, z2_peer: the peer's, of its own views of the same N images; t: temperature.
 
     .. math::
         P_{ij} = \operatorname{softmax}_j\big(\cos(z^1_i, z^2_j) / t\big), \quad
         Q_{ij} = \operatorname{softmax}_j\big(\cos(z^{1,peer}_i, z^{2,peer}_j) / t\big), \quad
         \mathrm{KL}(Q \| P) = \frac{1}{N} \sum_{i=1}^{N} \sum_{j=1}^{N} Q_{ij} \log \frac{Q_{ij}}{P_{ij}}
 
-    summed over each row and averaged over the N rows (anchors): a true KL divergence per row.
-    The authors' code divides by N*N instead (kl_div's reduction='mean'), so their weight
-    lambda_official equals lambda = lambda_official / N here: their 100 at N = 256 is 0.390625.
-    """
+    a true KL divergence per row, averaged over the N rows. The authors' code divides by N*N instead
+    (kl_div's reduction='mean'), so their weight is N times ours: their 100 at N = 256 is 100/256 here."""
     def log_similarity_distribution(a, b):                            # (N, N) row log-probabilities
         # log_softmax, not softmax().log(): log P stays finite where a probability underflows
         return F.log_softmax(F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature, dim=1)
@@ -385,13 +372,11 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
 
 
 def simsiam_loss(p1, p2, z1, z2):
-    r"""SimSiam's symmetric loss (Chen & He 2021, eq. 1-2): each view's prediction p regresses
-    the other view's projection z, which is a fixed target (stop-gradient, which is what keeps
-    SimSiam from collapsing without negatives):
+    r"""SimSiam's symmetric loss (Chen & He 2021, eq. 1-2), averaged over the batch; p1, p2, z1, z2: (N, d).
+    Each view's prediction p regresses the other view's projection z, a fixed target: the stop-gradient
+    is what keeps SimSiam from collapsing without negatives.
 
-    .. math::  L = -\tfrac{1}{2}\cos(p_1, \mathrm{sg}(z_2)) - \tfrac{1}{2}\cos(p_2, \mathrm{sg}(z_1))
-
-    averaged over the batch. p1, p2, z1, z2: (N, d)."""
+    .. math::  L = -\tfrac{1}{2}\cos(p_1, \mathrm{sg}(z_2)) - \tfrac{1}{2}\cos(p_2, \mathrm{sg}(z_1))"""
     return -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
              + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2
 

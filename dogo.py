@@ -34,6 +34,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import time
 from collections import namedtuple
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class Config:
     peer_objective: str = flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
     # data
     dataset: str = flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
-    data_dir: str = flag("./data", "download folder; imagefolder: train/ and test/ or val/, one folder per class")
+    data_dir: str = flag("./data", "download folder; imagefolder: class folders in train/ and test/ or val/")
     img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 px; STL-10 96, imagefolder 64)")
     synthetic_size: int = flag(2000, "images in the synthetic training split (test: a quarter)")
     # optimisation (the paper's published configuration)
@@ -387,18 +388,16 @@ class NonFiniteLoss(Exception):
 
 
 def ssl_loss(net, x1, x2, temperature, amp=False):
-    """One network on its two views: (its SSL loss, the two (N, d) matrices that its KL term
-    compares). SimCLR: NT-Xent, and the projections of both views. SimSiam: its own loss, and the
-    prediction of view 1 against the projection of view 2, the pair that SimSiam itself aligns.
-    net: an SSLNet, as it is or DDP-wrapped. amp: bfloat16 autocast for the network."""
+    """One network on its two views -> (its SSL loss, the two (N, d) matrices its KL term compares): with
+    SimCLR the projections of both views; with SimSiam the prediction of view 1 and the projection of view 2,
+    the pair SimSiam itself aligns. net: an SSLNet, maybe DDP-wrapped. amp: bfloat16 autocast for net."""
     x = torch.cat([x1, x2])
     if x.is_cuda:  # the networks are stored channels-last on GPUs, the faster layout for cuDNN
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         z, p = net(x)
-    # The losses stay in float32: softmax over 2N logits at t = 0.1 needs more than bf16's 8 bits.
-    # Under torchrun, gather makes every loss that of the global batch: every anchor meets all
-    # 2N - 2 negatives (see GatherRows for why the gradients then need no rescaling).
+    # The losses stay in float32: softmax over 2N logits at t = 0.1 needs more than bf16's 8 bits. Under
+    # torchrun, gather makes every loss that of the global batch: every anchor meets all 2N - 2 negatives.
     z1, z2 = (gather(t) for t in z.float().chunk(2))                    # (N, d) each
     if p is None:
         return nt_xent(z1, z2, temperature), (z1, z2)
@@ -407,9 +406,8 @@ def ssl_loss(net, x1, x2, temperature, amp=False):
 
 
 def train_step(student, peer, optimizers, views, cfg):
-    """One DoGo step on views (B, 4, C, H, W): views 0-1 go to the student, 2-3 to the peer.
-    With peer None it is a plain SSL step on views 0-1. Returns the loss terms as floats.
-    Under torchrun, views are this process's share of the batch and the networks DDP-wrapped."""
+    """One DoGo step on views (B, 4, C, H, W): views 0-1 go to the student, 2-3 to the peer (with peer None,
+    a plain SSL step on views 0-1). Returns the loss terms as floats."""
     amp = views.is_cuda if cfg.amp is None else cfg.amp
     ssl, (s1, s2) = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
     terms, loss = {"ssl": ssl}, ssl
@@ -468,9 +466,8 @@ def config_from_checkpoint(ckpt):
 
 
 def resolve_config(cfg, given=frozenset()):
-    """The config to run, and the checkpoint to resume from (or None). `given`: the flags set on
-    the command line. With --resume, the checkpoint's config, overridden by the flags given now
-    except those that define the networks and the data, which must agree with it."""
+    """(the config to run, the checkpoint to resume or None). `given`: the flags set on the command line,
+    which with --resume override the checkpoint's config (those in FIXED_ON_RESUME must agree with it)."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     ckpt = None
@@ -512,10 +509,9 @@ def networks_on(device, cfg):
 
 
 def runner(net, cfg, device, world):
-    """What train_step calls for net (None stays None). Under torchrun: net wrapped by DDP, which
-    averages the gradients over the processes during the backward pass, and with --sync-bn its
-    BatchNorm layers normalising over the global batch. With --compile: compiled in place. The
-    weights stay net's own, the ones that checkpoints save."""
+    """What train_step calls for net (None stays None): under torchrun net in DDP, which averages the
+    gradients over the processes, with --sync-bn its BatchNorm over the global batch; with --compile
+    compiled in place. The weights stay net's own, those that checkpoints save."""
     if net is not None and world > 1:
         if cfg.sync_bn:  # in place: the optimiser's parameters stay the same objects
             nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -526,16 +522,14 @@ def runner(net, cfg, device, world):
 
 
 def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
-    """Train the student with its peer (or alone) as cfg says, from scratch or from a checkpoint
-    (resolve_config gives both); returns (student, peer). Under torchrun every process runs this
-    on its own share of each batch; process 0 alone prints and writes files."""
+    """Train as cfg says, from scratch or from ckpt (resolve_config gives both); returns (student, peer).
+    Under torchrun every process runs this on its share of each batch; process 0 alone prints and writes."""
     data = training_set(load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size), cfg)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
                          f"images; use a smaller batch")
-    total_steps = cfg.epochs * steps_per_epoch
-    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     student, peer = networks_on(device, cfg)
     optimizers = build_optimizers([student, peer], cfg)
     step = restore(ckpt, student, peer, optimizers, cfg, device) if ckpt else 0
@@ -613,9 +607,7 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-# ================================================================================================
-# Plumbing: how the script runs, not what it computes
-# ================================================================================================
+# ==== Plumbing: how the script runs, not what it computes =======================================
 # ---- Flags: a config dataclass becomes the command line ----------------------------------------
 class UsageError(Exception):
     """A problem the user can fix (a flag, a path, missing data): reported as one line, exit 2."""
@@ -627,19 +619,16 @@ class FlagParser(argparse.ArgumentParser):
 
 
 def parse_flags(config_class, argv=None, prog="dogo.py", description=None):
-    """(config, names of the flags given) from the command line; one flag per field of the config
-    dataclass, with the field's help and choices."""
+    """(config, names of the flags given): a flag per field of the config dataclass, with its help and choices."""
     # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
     parser = FlagParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(config_class):
         choices = f.metadata["choices"]
         default = "" if f.default is None else f" (default: {f.default!r})"  # None: told in the help
+        metavar = "{" + ",".join(c or "''" for c in choices) + "}" if choices else f.type.__name__.upper()
+        kind = dict(type=f.type, choices=choices, metavar=metavar)
         if f.type is bool:  # --amp and --no-amp
             kind = dict(action=argparse.BooleanOptionalAction)
-        elif choices:
-            kind = dict(type=f.type, choices=choices, metavar="{" + ",".join(c or "''" for c in choices) + "}")
-        else:
-            kind = dict(type=f.type, metavar=f.type.__name__.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"] + default, **kind)
     given = vars(parser.parse_args(argv))
     return config_class(**given), set(given)
@@ -659,9 +648,8 @@ def pick_device(name):
 
 
 def init_distributed(cfg):
-    """(rank, world size, device). torchrun starts the processes and tells each its RANK,
-    LOCAL_RANK and WORLD_SIZE; they join one process group: NCCL between GPUs (one GPU per
-    process), gloo on CPU. A plain `python dogo.py` is process 0 of 1."""
+    """(rank, world size, device). torchrun tells each process its RANK, LOCAL_RANK and WORLD_SIZE; they join
+    one process group: NCCL between GPUs (one per process), gloo on CPU. A plain run is process 0 of 1."""
     device = pick_device(cfg.device)
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
@@ -679,12 +667,10 @@ def init_distributed(cfg):
 
 
 class GatherRows(torch.autograd.Function):
-    """all_gather whose backward sums, over the processes, the gradients for this process's rows.
-
-    Every process computes the same global loss from the gathered rows, so the sum is W times one
-    process's gradient; DDP averages the weights' gradients over the W processes, which leaves
-    exactly the gradient of one process holding the whole batch. (PyTorch's own differentiable
-    all_gather is deprecated in torch 2.14, its replacement private: hence these few lines.)"""
+    """all_gather whose backward sums, over the processes, the gradients for this process's rows. Every
+    process computes the same global loss from the gathered rows, so the sum is W times one process's
+    gradient; DDP averages the weights' gradients over the W processes, which leaves exactly the gradient
+    of one process holding the whole batch. (PyTorch's own differentiable all_gather is deprecated.)"""
 
     @staticmethod
     def forward(ctx, x):
@@ -714,10 +700,9 @@ def any_process(value, device):
 
 
 class EpochOrder(DistributedSampler):
-    """This process's share of each epoch's order, which (seed, epoch) fix. Process r of W takes
-    positions r, r + W, r + 2W, ...: the k-th batches of all processes together hold the images of
-    the k-th batch of one process, so the global batches do not depend on W. start(epoch, skip)
-    skips the first images of this share, those that a resumed run has already trained on."""
+    """This process's share of each epoch's order, which (seed, epoch) fix. Process r of W takes positions
+    r, r + W, ...: the k-th batches of all processes together are the k-th batch of one process, whatever W.
+    start(epoch, skip) skips the first images of the share, those a resumed run has already trained on."""
 
     def __init__(self, data, seed, rank=0, world=1):
         super().__init__(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -740,12 +725,12 @@ def seed_of(cfg, rank, step):
 
 
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
-    """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip)
-    before each epoch. Its worker processes live for the whole run (persistent_workers): no start-up
-    cost per epoch. step: where the run starts, so that a resumed run draws new augmentations."""
-    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
+    """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip) before each
+    epoch. step: where the run starts, so that a resumed run draws new augmentations."""
+    sampler = EpochOrder(data, cfg.seed * 100003, rank, world)
+    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=sampler,
                       drop_last=True,  # every step has the same number of negatives
-                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0,  # no start-up per epoch
                       pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
                       generator=torch.Generator().manual_seed(seed_of(cfg, rank, step)),
                       worker_init_fn=ignore_ctrl_c)
@@ -780,12 +765,9 @@ class StopOnCtrlC:
 
 def prepare_out_dir(path):
     """Make --out-dir and check that files can be written there, before the first step."""
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as err:
         raise UsageError(f"--out-dir {path}: cannot write there ({err.strerror or err}); "
                          f"give a writable folder") from None
@@ -797,16 +779,14 @@ class Progress:
 
     def __init__(self, csv_path, rows, cfg, total_steps):
         self.csv_path, self.rows, self.cfg, self.total_steps = csv_path, rows, cfg, total_steps
-        self.sums, self.count, self.tick = {}, 0, time.time()
+        self.interval, self.tick = [], time.time()  # the loss terms of each step since the last write
 
     def add(self, terms):
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
+        self.interval.append(terms)
 
     def write(self, epoch, step):
-        speed = self.count * self.cfg.batch_size / (time.time() - self.tick)
-        means = {k: v / self.count for k, v in self.sums.items()}
+        speed = len(self.interval) * self.cfg.batch_size / (time.time() - self.tick)
+        means = {k: sum(t[k] for t in self.interval) / len(self.interval) for k in self.interval[0]}
         self.rows.append({"epoch": epoch, "step": step, **means, "images_per_s": speed})
         with open(self.csv_path + ".tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[-1]))
@@ -817,7 +797,7 @@ class Progress:
         print(f"epoch {epoch}/{self.cfg.epochs} step {step}/{self.total_steps} | "
               + " ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f" | {speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
-        self.sums, self.count, self.tick = {}, 0, time.time()
+        self.interval, self.tick = [], time.time()
 
 
 def read_metrics(csv_path, until_step):
@@ -850,14 +830,10 @@ def plot_losses(rows, png_path):
 
 # ---- The synthetic dataset, for offline runs and tests -----------------------------------------
 class SyntheticShapes(Dataset):
-    """A small labelled image dataset made in memory, deterministic for a given split and size.
-
-    Ten classes: five shapes (disk, square, triangle, ring, cross) and five textures (horizontal,
-    vertical and diagonal stripes, checkerboard, dots), each under a random foreground and
-    background colour, position, scale (or period) and a little pixel noise. A network has to
-    learn shape and texture, since colour and position carry no information about the class.
-    Items are (uint8 tensor 3 x S x S, label), as torchvision datasets give (PIL image, label).
-    """
+    """A small labelled image dataset made in memory, the same for a given split and size. Ten classes:
+    five shapes and five textures, each under a random foreground and background colour, position, scale
+    (or period) and a little pixel noise: colour and position say nothing about the class, shape and
+    texture do. Items are (uint8 tensor 3 x S x S, label), as torchvision datasets give (PIL image, label)."""
     classes = ("disk", "square", "triangle", "ring", "cross",
                "hstripes", "vstripes", "diagonal", "checker", "dots")
 
@@ -898,15 +874,14 @@ class SyntheticShapes(Dataset):
         return self.images[i], self.targets[i]
 
 
-
 # ---- --benchmark: where the time of a training step goes ---------------------------------------
 def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
-    """--benchmark: how fast training runs at this set-up, and what bounds it, on synthetic images.
-    Prints (process 0) and returns {images_per_s: whole steps, the loader's batches included;
-    loader_images_per_s: the loader alone; model_images_per_s: train_step on views made
-    beforehand; bound_by: data or model; peak_mem_mb; device}. Images of the global batch, after
-    enough untimed batches to drain the loader's queue. --max-steps: the timed steps (10)."""
-    steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # the loader prefetches 2 per worker
+    """--benchmark: how fast training runs at this set-up, and what bounds it, on synthetic images. Prints
+    (process 0) and returns, in images of the global batch per second: images_per_s (whole steps),
+    loader_images_per_s (the loader alone), model_images_per_s (train_step on views made beforehand); then
+    bound_by (data or model), peak_mem_mb and device. --max-steps: the timed steps (10)."""
+    # Untimed first batches: warm-up, and enough to drain the loader's queue (2 batches per worker).
+    steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers
     data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
     student, peer = networks_on(device, cfg)
     optimizers = build_optimizers([student, peer], cfg)
@@ -932,10 +907,10 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
     speed = images_per_s(lambda batch: step(to_views(batch[0], cfg, device)), loader)
     views = to_views(next(iter(loader))[0], cfg, device)
     model_speed = images_per_s(lambda _: step(views), range(drain + steps))
+    peak_mb = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     result = dict(images_per_s=speed, loader_images_per_s=loader_speed, model_images_per_s=model_speed,
-                  bound_by="data" if loader_speed < model_speed else "model",
-                  peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+                  bound_by="data" if loader_speed < model_speed else "model", peak_mem_mb=peak_mb,
                   device=f"{world} x {device.type}" if world > 1 else str(device))
     result = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
     if rank == 0:
@@ -945,10 +920,9 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
 
 
 # ---- SimCLR's augmentation on the device, a batch at a time (--gpu-augment) --------------------
-# ssl_augmentation batched: the same steps, constants and distributions as the per-image
-# torchvision pipeline, run on the batch's own device, with every image drawing its own crop, flip,
-# jitter factors and order, grayscale and blur. All randomness comes from uniform() with
-# `generator`: seeded, it makes the output reproducible; it must live on the images' device.
+# ssl_augmentation batched: the same steps, constants and distributions, on the batch's own device, each
+# image drawing its own crop, flip, jitter factors and order, grayscale and blur. All randomness comes from
+# uniform() with `generator`: seeded, it makes the output reproducible; it must live on the images' device.
 def uniform(x, generator, *shape):
     """Draws from U[0, 1) of the given shape, on the device of x."""
     return torch.rand(*shape, generator=generator, device=x.device)
@@ -1038,8 +1012,7 @@ def _random_blur(x, kernel_size, generator=None):
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * uniform(x, generator, B, 1)
     t = torch.arange(kernel_size, device=x.device) - kernel_size // 2
     kernel = torch.softmax(-0.5 * (t / sigma) ** 2, dim=1).repeat_interleave(C, dim=0)  # (B*C, K)
-    # One depthwise conv over all B*C channels applies every image's own kernel; the 2D Gaussian
-    # is separable: a vertical then a horizontal pass.
+    # One depthwise conv over all B*C channels applies each image's own kernel: vertical, then horizontal.
     y = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
     y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
     y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C).view(B, C, H, W)

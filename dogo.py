@@ -3,10 +3,9 @@
 Bhat, Arani, Zonooz. "Distill on the Go: Online knowledge distillation in self-supervised
 learning", CVPR 2021 workshop on Learning from Limited and Imperfect Data, arXiv:2104.09866.
 
-Two networks learn from scratch at the same time, without labels: the student (--arch), the small
-network that DoGo is for, and its peer (--peer). Each solves SimCLR (or SimSiam) on its own two
-views of every image, and also learns to agree with the other on how similar the images of a
-batch are to each other (deep mutual learning on similarity scores):
+Two networks learn from scratch at the same time, without labels: the student (--arch), the small network
+DoGo is for, and its peer (--peer). Each solves SimCLR (or SimSiam) on its own two views of every image, and
+learns to agree with the other on how similar the images of a batch are (mutual learning on similarities):
 
     L_k = SSL_k  +  lambda_k * KL( P_other || P_k )      (P: row-softmax of cross-view cosines)
 
@@ -19,10 +18,8 @@ Usage:
     torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each
     python dogo.py --benchmark --batch-size 64          # where the time of a step goes
 
-Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py.
-The method reads top to bottom in the paper's order: config, data and augmentations, networks,
-losses, the training step, the loop and its checkpoints, main. The plumbing follows, under its own
-banners: flags, processes, logs, the synthetic dataset, --benchmark, batched augmentation.
+Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py. The method
+reads top to bottom in the paper's order, from the config to main; the plumbing follows it.
 """
 import argparse
 import csv
@@ -37,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections import namedtuple
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,10 +64,10 @@ DATASETS = {
 
 def flag(default, help, choices=None):
     """A config field; its help and choices become those of its command-line flag."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices))
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
     # what to train
     arch: str = flag("resnet18", "the student's architecture: the small network DoGo is for", ARCHS)
@@ -165,8 +161,7 @@ P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
 
 
 def blur_kernel_size(img_size):
-    """Odd, about 10% of the image; 0 below 64 px, where blur would destroy the little detail
-    that a 32 px image has (SimCLR skips it on CIFAR)."""
+    """Odd, about 10% of the image; 0 below 64 px, whose little detail blur would destroy (as SimCLR on CIFAR)."""
     return int(0.1 * img_size) // 2 * 2 + 1 if img_size >= 64 else 0
 
 
@@ -214,8 +209,7 @@ class AugmentedImages(Dataset):
 
 
 def training_set(base, cfg):
-    """What the loader serves: each image's views, or with --gpu-augment the image alone at the training
-    size, for to_views to augment on the device."""
+    """The loader's items: each image's views, or (--gpu-augment) the image alone for to_views to augment."""
     if cfg.gpu_augment:
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
         return AugmentedImages(base, sized, 1)
@@ -292,10 +286,9 @@ def make_encoder(arch, img_size):
 
 
 class SSLNet(nn.Module):
-    """Encoder f (self.encoder: what evaluation uses), projection head g and, for SimSiam,
-    predictor h. forward(x) -> (z = g(f(x)), h(z) or None), before any normalisation.
-    SimCLR's head is the authors': Linear(f, 512, no bias) - BN - ReLU - Linear(512, proj_dim);
-    SimSiam's (Chen & He 2021) is sized down for small images: 512-d, with a 128-d bottleneck."""
+    """Encoder f (self.encoder: what evaluation uses), projection head g and, for SimSiam, predictor h;
+    forward(x) -> (z = g(f(x)), h(z) or None), unnormalised. SimCLR's head is the authors'; SimSiam's
+    (Chen & He 2021) is sized down for small images: 512-d, with a 128-d bottleneck."""
 
     def __init__(self, arch, img_size, proj_dim=128, objective="simclr", hidden_dim=512):
         super().__init__()

@@ -243,8 +243,7 @@ class WideBlock(nn.Module):
 
 
 def wide_resnet(depth, width):
-    """WRN-depth-width (Zagoruyko & Komodakis 2016): three groups of (depth - 4) / 6 blocks with
-    16w, 32w and 64w channels, the last two at stride 2. Made for 32 px images."""
+    """WRN-depth-width (Zagoruyko & Komodakis 2016), for 32 px images: three groups of 16w, 32w and 64w channels."""
     blocks, c_in = [], 16
     for group, c_out in enumerate((16 * width, 32 * width, 64 * width)):
         for b in range((depth - 4) // 6):
@@ -263,21 +262,19 @@ def make_encoder(arch, img_size):
         net = wide_resnet(*(int(n) for n in arch[3:].split("_")))
     elif arch.startswith("resnet"):
         net = getattr(torchvision.models, arch)(weights=None)
-        if small:
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
         net.fc = nn.Identity()
+        if small:
+            net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     elif arch == "mobilenetv2":
         net = torchvision.models.mobilenet_v2(weights=None)
+        net.classifier = nn.Identity()
         if small:
             net.features[0][0].stride = (1, 1)
-        net.classifier = nn.Identity()
     elif arch == "shufflenetv2":
         net = torchvision.models.shufflenet_v2_x1_0(weights=None)
-        if small:
-            net.conv1[0].stride = (1, 1)
-            net.maxpool = nn.Identity()
         net.fc = nn.Identity()
+        if small:
+            net.conv1[0].stride, net.maxpool = (1, 1), nn.Identity()
     else:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     with torch.no_grad():
@@ -424,16 +421,12 @@ def train_step(student, peer, optimizers, views, cfg):
 
 # ---- The training loop and its checkpoints -----------------------------------------------------
 def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0):
-    """Atomically (temporary file, then rename): a crash never leaves a half-written checkpoint.
-    Only tensors and plain Python values, so that it loads with torch.load(weights_only=True)."""
-    state = {
-        "config": dataclasses.asdict(cfg), "step": step, "epoch": epoch,  # epochs completed
-        "student": student.state_dict(), "student_opt": optimizers[0].state_dict(),
-        "peer": peer.state_dict() if peer else None,
-        "peer_opt": optimizers[1].state_dict() if peer else None,
-        "rng_cpu": torch.get_rng_state(),  # the augmentations draw from it
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    """Atomically (temporary file, then rename); only tensors and plain values, to load with weights_only=True."""
+    state = dict(config=dataclasses.asdict(cfg), step=step, epoch=epoch,  # epochs completed
+                 student=student.state_dict(), student_opt=optimizers[0].state_dict(),
+                 peer=peer.state_dict() if peer else None, peer_opt=optimizers[1].state_dict() if peer else None,
+                 rng_cpu=torch.get_rng_state(),  # the augmentations draw from it
+                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -463,9 +456,8 @@ def resolve_config(cfg, given=frozenset()):
     which with --resume override the checkpoint's config (those in FIXED_ON_RESUME must agree with it)."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    if ckpt is not None:
         saved = config_from_checkpoint(ckpt)
         for name in FIXED_ON_RESUME:
             if name in given and getattr(cfg, name) != getattr(saved, name):
@@ -502,9 +494,8 @@ def networks_on(device, cfg):
 
 
 def runner(net, cfg, device, world):
-    """What train_step calls for net (None stays None): under torchrun net in DDP, which averages the
-    gradients over the processes, with --sync-bn its BatchNorm over the global batch; with --compile
-    compiled in place. The weights stay net's own, those that checkpoints save."""
+    """What train_step calls for net (None stays None): in DDP under torchrun (gradients averaged over the
+    processes; --sync-bn: BatchNorm over the global batch), compiled in place with --compile. Weights stay net's."""
     if net is not None and world > 1:
         if cfg.sync_bn:  # in place: the optimiser's parameters stay the same objects
             nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -515,8 +506,7 @@ def runner(net, cfg, device, world):
 
 
 def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
-    """Train as cfg says, from scratch or from ckpt (resolve_config gives both); returns (student, peer).
-    Under torchrun every process runs this on its share of each batch; process 0 alone prints and writes."""
+    """Train from scratch or from ckpt (see resolve_config) -> (student, peer); only process 0 prints and writes."""
     data = training_set(load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size), cfg)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -641,8 +631,7 @@ def pick_device(name):
 
 
 def init_distributed(cfg):
-    """(rank, world size, device). torchrun tells each process its RANK, LOCAL_RANK and WORLD_SIZE; they join
-    one process group: NCCL between GPUs (one per process), gloo on CPU. A plain run is process 0 of 1."""
+    """(rank, world size, device) from torchrun's RANK, LOCAL_RANK and WORLD_SIZE: NCCL on GPUs, else gloo."""
     device = pick_device(cfg.device)
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
@@ -660,10 +649,9 @@ def init_distributed(cfg):
 
 
 class GatherRows(torch.autograd.Function):
-    """all_gather whose backward sums, over the processes, the gradients for this process's rows. Every
-    process computes the same global loss from the gathered rows, so the sum is W times one process's
-    gradient; DDP averages the weights' gradients over the W processes, which leaves exactly the gradient
-    of one process holding the whole batch. (PyTorch's own differentiable all_gather is deprecated.)"""
+    """all_gather whose backward sums over the processes the gradients of this process's rows: every process
+    computes the same global loss, so the sum is W times one process's gradient, and DDP's average over the W
+    processes leaves exactly the gradient of one process with the whole batch. (torch's own is deprecated.)"""
 
     @staticmethod
     def forward(ctx, x):
@@ -685,10 +673,9 @@ def gather(x):
 
 def any_process(value, device):
     """True on every process when it is True on one: all must stop at the same step."""
-    if not dist.is_initialized():
-        return value
-    value = torch.tensor(float(value), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    if dist.is_initialized():
+        value = torch.tensor(float(value), device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value)
 
 
@@ -767,8 +754,7 @@ def prepare_out_dir(path):
 
 
 class Progress:
-    """Averages the loss terms over each --log-every interval; prints one line per interval and
-    keeps the same numbers as the rows of metrics.csv, rewritten whole (and atomically) each time."""
+    """Averages the loss terms over each --log-every interval into a printed line and a row of metrics.csv."""
 
     def __init__(self, csv_path, rows, cfg, total_steps):
         self.csv_path, self.rows, self.cfg, self.total_steps = csv_path, rows, cfg, total_steps
@@ -794,8 +780,7 @@ class Progress:
 
 
 def read_metrics(csv_path, until_step):
-    """The rows of metrics.csv up to until_step: a resumed run drops the rows logged after its
-    checkpoint (steps that a crash lost); a new run (step 0) starts with none."""
+    """The rows of metrics.csv up to until_step: a resumed run drops those its checkpoint never saw."""
     if until_step == 0 or not os.path.exists(csv_path):
         return []
     with open(csv_path, newline="") as f:
@@ -823,12 +808,9 @@ def plot_losses(rows, png_path):
 
 # ---- The synthetic dataset, for offline runs and tests -----------------------------------------
 class SyntheticShapes(Dataset):
-    """A small labelled image dataset made in memory, the same for a given split and size. Ten classes:
-    five shapes and five textures, each under a random foreground and background colour, position, scale
-    (or period) and a little pixel noise: colour and position say nothing about the class, shape and
-    texture do. Items are (uint8 tensor 3 x S x S, label), as torchvision datasets give (PIL image, label)."""
-    classes = ("disk", "square", "triangle", "ring", "cross",
-               "hstripes", "vstripes", "diagonal", "checker", "dots")
+    """Ten classes made in memory, the same for a given split and size: five shapes and five textures under
+    random colours, position, scale and noise: only shape and texture tell the class. Items: (uint8 3xSxS, label)."""
+    classes = ("disk", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "diagonal", "checker", "dots")
 
     def __init__(self, size=2000, img_size=32, train=True):
         rng = np.random.default_rng(0 if train else 1)  # disjoint train and test images
@@ -869,10 +851,9 @@ class SyntheticShapes(Dataset):
 
 # ---- --benchmark: where the time of a training step goes ---------------------------------------
 def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
-    """--benchmark: how fast training runs at this set-up, and what bounds it, on synthetic images. Prints
-    (process 0) and returns, in images of the global batch per second: images_per_s (whole steps),
-    loader_images_per_s (the loader alone), model_images_per_s (train_step on views made beforehand); then
-    bound_by (data or model), peak_mem_mb and device. --max-steps: the timed steps (10)."""
+    """--benchmark: training speed at this set-up, on synthetic images. Prints (process 0) and returns images
+    of the global batch per second of whole steps (images_per_s), of the loader alone and of train_step alone
+    (loader_ and model_images_per_s), bound_by (data or model), peak_mem_mb, device. --max-steps: steps (10)."""
     # Untimed first batches: warm-up, and enough to drain the loader's queue (2 batches per worker).
     steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers
     data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
@@ -922,9 +903,8 @@ def uniform(x, generator, *shape):
 
 
 def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), generator=None):
-    """RandomResizedCrop + RandomHorizontalFlip, float (B, C, H, W) -> (B, C, size, size). Like
-    torchvision, each image tries 10 (area, aspect ratio) draws and keeps the first integer box that
-    fits in the image: we draw all 10 at once and find the first fit with argmax."""
+    """RandomResizedCrop + RandomHorizontalFlip, float (B, C, H, W) -> (B, C, size, size). As in torchvision,
+    each image keeps the first of 10 (area, aspect ratio) draws that fits; argmax finds it for all at once."""
     B, _, H, W = x.shape
     u = uniform(x, generator, B, 10, 2)
     area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
@@ -1013,8 +993,7 @@ def _random_blur(x, kernel_size, generator=None):
 
 
 def batch_ssl_augmentation(images, img_size, mean, std, generator=None):
-    """images: (B, 3, H, W) uint8 (or float in [0,1]) on any device; returns (B, 3, img_size, img_size)
-    float32, normalised with mean/std, each image with its own random draw."""
+    """(B, 3, H, W) uint8 or [0, 1] float images, on any device -> normalised float32 (B, 3, img_size, img_size)."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     x = random_resized_crop_flip(x, img_size, generator=generator)
     x = color_jitter_grayscale(x, generator=generator)

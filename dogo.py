@@ -50,6 +50,8 @@ from torchvision.transforms import v2
 ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "wrn16_8", "wrn28_2",
          "mobilenetv2", "shufflenetv2")
 OBJECTIVES = ("simclr", "simsiam")
+# A resumed run must rebuild exactly the same networks on the same data.
+FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 
 # Per dataset: native resolution, and the per-channel mean and std that normalise its images.
 DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")
@@ -105,10 +107,6 @@ class Config:
     sync_bn: bool = flag(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
     gpu_augment: bool = flag(False, "augment batches on the device, not images in the loader (for fast GPUs)")
     benchmark: bool = flag(False, "instead of training, time a few steps at these settings on synthetic data")
-
-
-# A resumed run must rebuild exactly the same networks on the same data.
-FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 
 
 def require(cfg, name, ok, what):
@@ -283,9 +281,8 @@ def make_encoder(arch, img_size):
 
 
 class SSLNet(nn.Module):
-    """Encoder f (self.encoder: what evaluation uses), projection head g and, for SimSiam, predictor h;
-    forward(x) -> (z = g(f(x)), h(z) or None), unnormalised. SimCLR's head is the authors'; SimSiam's
-    (Chen & He 2021) is sized down for small images: 512-d, with a 128-d bottleneck."""
+    """Encoder f (self.encoder: what evaluation uses), head g and, for SimSiam, predictor h: forward(x) -> (z =
+    g(f(x)), h(z) or None). SimSiam's head (Chen & He 2021) is sized down for small images: 512-d, 128 inside."""
 
     def __init__(self, arch, img_size, proj_dim=128, objective="simclr", hidden_dim=512):
         super().__init__()
@@ -323,15 +320,14 @@ def build_optimizers(networks, cfg):
 
 # ---- Losses: pure functions of the projections of one batch ------------------------------------
 def nt_xent(z1, z2, temperature=0.5):
-    r"""SimCLR's NT-Xent loss (Chen et al. 2020, eq. 1). z1, z2: (N, d) projections of the two views of
-    the same N images (row i of each from image i). Over the 2N stacked views, with s the cosine similarity,
-    t the temperature and i^+ the other view of image i (one positive, 2N - 2 negatives per anchor):
+    r"""SimCLR's NT-Xent loss (Chen et al. 2020, eq. 1), one (2N, 2N) matrix product: memory O(N^2). z1, z2:
+    (N, d) projections of the two views of the same N images (row i of each from image i). Over the 2N views,
+    with s the cosine similarity, t the temperature and i^+ the other view of image i (2N - 2 negatives):
 
     .. math::
         \ell_i = -\log \frac{\exp(s(z_i, z_{i^+}) / t)}{\sum_{k \ne i} \exp(s(z_i, z_k) / t)},
         \qquad L = \frac{1}{2N} \sum_{i=1}^{2N} \ell_i
-
-    One (2N, 2N) matrix product: memory O(N^2), never an (N, N, d) tensor."""
+    """
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)                       # (2N, d), unit rows
     logits = z @ z.T / temperature                                    # (2N, 2N)
@@ -409,8 +405,7 @@ def train_step(student, peer, optimizers, views, cfg):
         loss = loss + cfg.kd_weight * terms["kl"] + ssl_peer + cfg.peer_kd_weight * terms["kl_peer"]
     if not torch.isfinite(loss):
         raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()))
-    # dogo_kl detaches its target, so each network's loss depends on its own weights only: one
-    # backward of the sum gives every network exactly the gradient of its own loss.
+    # dogo_kl detaches its target: one backward of the sum gives each network exactly its own loss's gradient.
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -521,22 +516,22 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
         torch.manual_seed(seed_of(cfg, rank, step))
     loader = make_loader(data, cfg, device, rank, world, step)
     say = print if rank == 0 else lambda *args, **kwargs: None
-    paths = {k: os.path.join(cfg.out_dir, k) for k in ("checkpoint.pt", "metrics.csv", "losses.png")}
+    ckpt_path, csv_path, png_path = (os.path.join(cfg.out_dir, name)
+                                     for name in ("checkpoint.pt", "metrics.csv", "losses.png"))
     if rank == 0:
         prepare_out_dir(cfg.out_dir)
-    if ckpt is None and os.path.exists(paths["checkpoint.pt"]):
-        say(f"note: {cfg.out_dir} holds an earlier run, which this one replaces "
-            f"(to continue it instead: --resume {paths['checkpoint.pt']})")
+    if ckpt is None and os.path.exists(ckpt_path):
+        say(f"note: {cfg.out_dir} holds an earlier run, which this one replaces (to continue it instead: "
+            f"--resume {ckpt_path})")
     pair = cfg.arch if peer is None else f"{cfg.arch} + peer {cfg.peer}"
     where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
-    say(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
-        f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
-        f"{where}, out-dir {cfg.out_dir}", flush=True)
+    say(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch {cfg.batch_size}, "
+        f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, {where}, out-dir {cfg.out_dir}", flush=True)
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
 
-    log = Progress(paths["metrics.csv"], read_metrics(paths["metrics.csv"], step), cfg, total_steps)
+    log = Progress(csv_path, read_metrics(csv_path, step), cfg, total_steps)
     stop = False
     with StopOnCtrlC(quiet=rank > 0) as ctrl_c:
         while step < total_steps and not stop:
@@ -555,14 +550,12 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
                 if step == total_steps or stop:
                     break
             if rank == 0:  # end of an epoch, of the run, or Ctrl-C
-                save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers,
-                                epoch=step // steps_per_epoch)
-                plot_losses(log.rows, paths["losses.png"])
+                save_checkpoint(ckpt_path, cfg, step, student, peer, optimizers, epoch=step // steps_per_epoch)
+                plot_losses(log.rows, png_path)
     if stop:
-        say(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "
-            f"python dogo.py --resume {paths['checkpoint.pt']}")
+        say(f"interrupted at step {step}: saved {ckpt_path}; continue with python dogo.py --resume {ckpt_path}")
         raise KeyboardInterrupt
-    say(f"done: {paths['checkpoint.pt']}, {paths['metrics.csv']}, {paths['losses.png']}")
+    say(f"done: {ckpt_path}, {csv_path}, {png_path}")
     return student, peer
 
 
@@ -572,8 +565,7 @@ def main(argv=None):
         cfg, given = parse_flags(Config, argv, "dogo.py", __doc__.splitlines()[0])
         cfg, ckpt = resolve_config(cfg, given)
         rank, world, device = init_distributed(cfg)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes: cuDNN times its kernels once
         if cfg.benchmark:
             benchmark(cfg, rank, world, device)
         else:
@@ -680,9 +672,8 @@ def any_process(value, device):
 
 
 class EpochOrder(DistributedSampler):
-    """This process's share of each epoch's order, which (seed, epoch) fix. Process r of W takes positions
-    r, r + W, ...: the k-th batches of all processes together are the k-th batch of one process, whatever W.
-    start(epoch, skip) skips the first images of the share, those a resumed run has already trained on."""
+    """This process's share of each epoch's order, fixed by (seed, epoch): process r of W takes positions r,
+    r + W, ..., so the global batches do not depend on W. start(epoch, skip) skips what a resumed run has seen."""
 
     def __init__(self, data, seed, rank=0, world=1):
         super().__init__(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -705,8 +696,7 @@ def seed_of(cfg, rank, step):
 
 
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
-    """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip) before each
-    epoch. step: where the run starts, so that a resumed run draws new augmentations."""
+    """Batches of this process's share; call loader.sampler.start(epoch, skip) first. step: where the run starts."""
     sampler = EpochOrder(data, cfg.seed * 100003, rank, world)
     return DataLoader(data, batch_size=cfg.batch_size // world, sampler=sampler,
                       drop_last=True,  # every step has the same number of negatives
@@ -722,12 +712,10 @@ def ignore_ctrl_c(worker_id):
 
 
 class StopOnCtrlC:
-    """First Ctrl-C: finish the current step, save, and exit. A second Ctrl-C aborts at once.
-    quiet: say nothing (under torchrun, every process gets the Ctrl-C; process 0 speaks)."""
-    requested = False
+    """First Ctrl-C: stop after this step and save; a second aborts. quiet: no message (torchrun: process 0 says it)."""
 
     def __init__(self, quiet=False):
-        self.quiet = quiet
+        self.quiet, self.requested = quiet, False
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -854,8 +842,7 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
     """--benchmark: training speed at this set-up, on synthetic images. Prints (process 0) and returns images
     of the global batch per second of whole steps (images_per_s), of the loader alone and of train_step alone
     (loader_ and model_images_per_s), bound_by (data or model), peak_mem_mb, device. --max-steps: steps (10)."""
-    # Untimed first batches: warm-up, and enough to drain the loader's queue (2 batches per worker).
-    steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers
+    steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # untimed: warm-up, the loader's queue
     data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
     student, peer = networks_on(device, cfg)
     optimizers = build_optimizers([student, peer], cfg)
@@ -880,7 +867,7 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
     loader.sampler.start(1)
     speed = images_per_s(lambda batch: step(to_views(batch[0], cfg, device)), loader)
     views = to_views(next(iter(loader))[0], cfg, device)
-    model_speed = images_per_s(lambda _: step(views), range(drain + steps))
+    model_speed = images_per_s(step, [views] * (drain + steps))
     peak_mb = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     result = dict(images_per_s=speed, loader_images_per_s=loader_speed, model_images_per_s=model_speed,
@@ -932,8 +919,7 @@ def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), ge
     # grid_sample wants (x, y) in [-1, 1], -1 and 1 the outer pixel edges (align_corners=False).
     grid = torch.stack(torch.broadcast_tensors((2 * xs[:, None, :] + 1) / W - 1,
                                                (2 * ys[:, :, None] + 1) / H - 1), dim=-1)
-    # Plain bilinear: torchvision antialiases when it shrinks a crop, a small change at these
-    # sizes (and none for CIFAR, whose crops are only ever enlarged).
+    # Plain bilinear: torchvision antialiases shrunk crops, a small change here (none on CIFAR: crops only grow).
     return F.grid_sample(x, grid, mode="bilinear", align_corners=False)
 
 
@@ -970,8 +956,7 @@ def color_jitter_grayscale(x, jitter=JITTER, p_jitter=P_JITTER, p_gray=P_GRAY, g
         ref = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
         f = factors.gather(1, order[:, step:step + 1]).view(B, 1, 1, 1)
         new = torch.lerp(ref, out, f).clamp(0, 1)  # f * out + (1 - f) * ref, clamped as in torchvision
-        # Hue is the costly step: convert just the images whose turn it is (on a GPU the boolean
-        # indexing costs a sync, cheaper than shifting the hue of every image four times).
+        # Hue is costly: shift only the images whose turn it is (a GPU sync, cheaper than 4 shifts of all).
         is_hue = order[:, step] == 3
         new[is_hue] = _shift_hue(out[is_hue], hue[is_hue])
         out = new

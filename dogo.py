@@ -18,13 +18,12 @@ Usage:
     torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each
     python dogo.py --benchmark --batch-size 64          # where the time of a step goes
 
-Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py. The method
-reads top to bottom in the paper's order, from the config to main; the plumbing follows it.
+Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py. The method reads
+top to bottom in the paper's order, from the config to main; the plumbing follows it.
 """
 import argparse
 import csv
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -41,7 +40,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
@@ -53,8 +51,7 @@ OBJECTIVES = ("simclr", "simsiam")
 # A resumed run must rebuild exactly the same networks on the same data.
 FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 
-# Per dataset: native resolution, and the per-channel mean and std that normalise its images.
-DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")
+DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")  # native resolution; what normalises its images
 DATASETS = {
     "cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -130,8 +127,7 @@ def check_config(cfg):
 
 # ---- Data and augmentations --------------------------------------------------------------------
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
-    """The raw (image, label) dataset of one split: 'ssl' (what self-supervision trains on: STL-10 adds its
-    unlabeled images), 'train' (the labelled training images) or 'test'."""
+    """The raw (image, label) dataset of a split: 'ssl' (STL-10's adds its unlabeled images), 'train' or 'test'."""
     train = split != "test"
     if name == "synthetic":  # made in memory: see the plumbing at the end of this file
         return SyntheticShapes(synthetic_size if train else max(synthetic_size // 4, 10), img_size, train=train)
@@ -169,13 +165,9 @@ def ssl_augmentation(img_size, dataset):
     blur = [v2.RandomApply([v2.GaussianBlur(kernel, sigma=BLUR_SIGMA)], p=P_BLUR)] if kernel else []
     return v2.Compose([
         v2.ToImage(),
-        v2.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER),
-        v2.RandomGrayscale(p=P_GRAY),
-        *blur,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(info.mean, info.std),
+        v2.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True), v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER), v2.RandomGrayscale(p=P_GRAY), *blur,
+        v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std),
     ])
 
 
@@ -252,9 +244,8 @@ def wide_resnet(depth, width):
 
 
 def make_encoder(arch, img_size):
-    """(encoder, feature size): the backbone without its classifier, (B, 3, S, S) -> (B, features).
-    Below 100 px the ImageNet stems (stride-2 convolution, then max-pool) would shrink a 32 px image to
-    8 px before the first block: small images get the CIFAR stem (stride-1 first convolution, no max-pool)."""
+    """(encoder, feature size): the backbone without its classifier. Below 100 px, the CIFAR stem (stride-1 first
+    convolution, no max-pool): the ImageNet stem would shrink a 32 px image to 8 px before the first block."""
     small = img_size < 100
     if arch.startswith("wrn"):  # a CIFAR network already; wrn16_2: depth 16, width 2
         net = wide_resnet(*(int(n) for n in arch[3:].split("_")))
@@ -374,9 +365,8 @@ class NonFiniteLoss(Exception):
 
 
 def ssl_loss(net, x1, x2, temperature, amp=False):
-    """One network on its two views -> (its SSL loss, the two (N, d) matrices its KL term compares): with
-    SimCLR the projections of both views; with SimSiam the prediction of view 1 and the projection of view 2,
-    the pair SimSiam itself aligns. net: an SSLNet, maybe DDP-wrapped. amp: bfloat16 autocast for net."""
+    """One network on its two views -> (SSL loss, the two (N, d) matrices its KL term compares: SimCLR's two
+    projections, or SimSiam's prediction of view 1 and projection of view 2, the pair it aligns). amp: bf16."""
     x = torch.cat([x1, x2])
     if x.is_cuda:  # the networks are stored channels-last on GPUs, the faster layout for cuDNN
         x = x.contiguous(memory_format=torch.channels_last)
@@ -494,7 +484,7 @@ def runner(net, cfg, device, world):
     if net is not None and world > 1:
         if cfg.sync_bn:  # in place: the optimiser's parameters stay the same objects
             nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     if net is not None and cfg.compile:
         net.compile()
     return net
@@ -641,9 +631,8 @@ def init_distributed(cfg):
 
 
 class GatherRows(torch.autograd.Function):
-    """all_gather whose backward sums over the processes the gradients of this process's rows: every process
-    computes the same global loss, so the sum is W times one process's gradient, and DDP's average over the W
-    processes leaves exactly the gradient of one process with the whole batch. (torch's own is deprecated.)"""
+    """all_gather whose backward sums over the processes the gradients of this process's rows: each computes the
+    same global loss, so the sum is W times one's gradient, and DDP's average leaves the whole batch's gradient."""
 
     @staticmethod
     def forward(ctx, x):
@@ -684,7 +673,7 @@ class EpochOrder(DistributedSampler):
         self.skip = skip
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        return iter(list(super().__iter__())[self.skip:])
 
     def __len__(self):
         return super().__len__() - self.skip
@@ -839,9 +828,8 @@ class SyntheticShapes(Dataset):
 
 # ---- --benchmark: where the time of a training step goes ---------------------------------------
 def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
-    """--benchmark: training speed at this set-up, on synthetic images. Prints (process 0) and returns images
-    of the global batch per second of whole steps (images_per_s), of the loader alone and of train_step alone
-    (loader_ and model_images_per_s), bound_by (data or model), peak_mem_mb, device. --max-steps: steps (10)."""
+    """--benchmark on synthetic images: images of the global batch per second of whole steps (images_per_s), of the
+    loader and train_step alone (loader_, model_images_per_s); bound_by, peak_mem_mb, device. Steps: --max-steps (10)."""
     steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # untimed: warm-up, the loader's queue
     data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
     student, peer = networks_on(device, cfg)

@@ -52,13 +52,11 @@ OBJECTIVES = ("simclr", "simsiam")
 FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 
 DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")  # native resolution; what normalises its images
-DATASETS = {
-    "cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": DatasetInfo(96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
-    "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
+DATASETS = {"cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+            "stl10": DatasetInfo(96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+            "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+            "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
 
 
 def flag(default, help, choices=None):
@@ -686,8 +684,7 @@ def seed_of(cfg, rank, step):
 
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
     """Batches of this process's share; call loader.sampler.start(epoch, skip) first. step: where the run starts."""
-    sampler = EpochOrder(data, cfg.seed * 100003, rank, world)
-    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=sampler,
+    return DataLoader(data, cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
                       drop_last=True,  # every step has the same number of negatives
                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0,  # no start-up per epoch
                       pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
@@ -802,18 +799,16 @@ class SyntheticShapes(Dataset):
         period = rng.uniform(0.12, 0.3)                  # texture period, likewise
         phase = rng.uniform(0, 1)
         dx, dy = x - cx, y - cy
-        masks = [
-            dx ** 2 + dy ** 2 < r ** 2,                                          # disk
-            np.maximum(abs(dx), abs(dy)) < r * 0.8,                              # square
-            (dy < r * 0.7) & (dy > 2 * abs(dx) - r),                             # triangle
-            abs(np.sqrt(dx ** 2 + dy ** 2) - r * 0.8) < r * 0.25,                # ring
-            (np.minimum(abs(dx), abs(dy)) < r * 0.3) & (np.maximum(abs(dx), abs(dy)) < r),  # cross
-            (y / period + phase) % 1 < 0.5,                                      # hstripes
-            (x / period + phase) % 1 < 0.5,                                      # vstripes
-            ((x + y) / period + phase) % 1 < 0.5,                                # diagonal
-            ((x / period + phase) % 1 < 0.5) ^ ((y / period + phase) % 1 < 0.5),  # checker
-            ((x / period + phase) % 1 - 0.5) ** 2 + ((y / period + phase) % 1 - 0.5) ** 2 < 0.09,
-        ]
+        masks = [dx ** 2 + dy ** 2 < r ** 2,                                          # disk
+                 np.maximum(abs(dx), abs(dy)) < r * 0.8,                              # square
+                 (dy < r * 0.7) & (dy > 2 * abs(dx) - r),                             # triangle
+                 abs(np.sqrt(dx ** 2 + dy ** 2) - r * 0.8) < r * 0.25,                # ring
+                 (np.minimum(abs(dx), abs(dy)) < r * 0.3) & (np.maximum(abs(dx), abs(dy)) < r),  # cross
+                 (y / period + phase) % 1 < 0.5,                                      # hstripes
+                 (x / period + phase) % 1 < 0.5,                                      # vstripes
+                 ((x + y) / period + phase) % 1 < 0.5,                                # diagonal
+                 ((x / period + phase) % 1 < 0.5) ^ ((y / period + phase) % 1 < 0.5),  # checker
+                 ((x / period + phase) % 1 - 0.5) ** 2 + ((y / period + phase) % 1 - 0.5) ** 2 < 0.09]  # dots
         fg, bg = rng.uniform(0, 1, size=(2, 3, 1, 1))
         bg = np.where(abs(fg - bg) < 0.3, 1 - fg, bg)    # keep foreground and background apart
         img = np.where(masks[label], fg, bg) + rng.normal(0, 0.03, size=(3, s, s))
@@ -828,8 +823,8 @@ class SyntheticShapes(Dataset):
 
 # ---- --benchmark: where the time of a training step goes ---------------------------------------
 def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
-    """--benchmark on synthetic images: images of the global batch per second of whole steps (images_per_s), of the
-    loader and train_step alone (loader_, model_images_per_s); bound_by, peak_mem_mb, device. Steps: --max-steps (10)."""
+    """--benchmark on synthetic images: images of the global batch per second of whole steps (images_per_s), of
+    the loader and train_step alone (loader_, model_images_per_s); bound_by, peak_mem_mb, device; --max-steps (10)."""
     steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # untimed: warm-up, the loader's queue
     data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
     student, peer = networks_on(device, cfg)
@@ -850,7 +845,6 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
     def step(views):
         return train_step(run_student, run_peer, optimizers, views, cfg)
 
-    loader.sampler.start(0)
     loader_speed = images_per_s(lambda batch: to_views(batch[0], cfg, device), loader)
     loader.sampler.start(1)
     speed = images_per_s(lambda batch: step(to_views(batch[0], cfg, device)), loader)
@@ -872,8 +866,7 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
 # ssl_augmentation batched: the same steps, constants and distributions, on the batch's own device, each
 # image drawing its own crop, flip, jitter factors and order, grayscale and blur. All randomness comes from
 # uniform() with `generator`: seeded, it makes the output reproducible; it must live on the images' device.
-def uniform(x, generator, *shape):
-    """Draws from U[0, 1) of the given shape, on the device of x."""
+def uniform(x, generator, *shape):  # U[0, 1) of the given shape, on the device of x
     return torch.rand(*shape, generator=generator, device=x.device)
 
 
@@ -893,8 +886,7 @@ def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), ge
     ok = fits.any(dim=1)
     w = torch.where(ok, w, round(H * ratio[1]) if W / H > ratio[1] else W)
     h = torch.where(ok, h, round(W / ratio[0]) if W / H < ratio[0] else H)
-    # Top-left corner uniform over the integer positions (torch.randint in torchvision).
-    pos = uniform(x, generator, B, 2)
+    pos = uniform(x, generator, B, 2)  # top-left corner: uniform over the integer positions, as in torchvision
     left = torch.where(ok, torch.floor(pos[:, 0] * (W - w + 1)), (W - w) // 2)
     top = torch.where(ok, torch.floor(pos[:, 1] * (H - h + 1)), (H - h) // 2)
     # Bilinear resize of the box, torchvision's half-pixel convention: output pixel i reads input

@@ -50,7 +50,6 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "w
 OBJECTIVES = ("simclr", "simsiam")
 # A resumed run must rebuild exactly the same networks on the same data.
 FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
-
 DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")  # native resolution; what normalises its images
 DATASETS = {"cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -89,8 +88,7 @@ class Config:
     peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 1/256: the authors' 1 at batch 256")
     proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see")
     # running
-    workers: int = flag(min(8, os.cpu_count() or 1),
-                        "data-loading processes (the cores, up to 8); 0 = load in the main process")
+    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (cores, up to 8); 0 = the main process")
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = flag("", "where outputs go; '' = runs/DATASET_ARCH_PEER, or the --resume checkpoint's folder")
@@ -146,8 +144,7 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
                          f"put the data there, or run offline with --dataset synthetic") from None
 
 
-# SimCLR's augmentation (Chen et al. 2020, Appendix A), shared with the batched one at the end of this
-# file. JITTER: the colour jitter's brightness, contrast, saturation and hue.
+# SimCLR's augmentation (Chen et al. 2020, Appendix A); JITTER: brightness, contrast, saturation and hue.
 CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8
 P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
 
@@ -161,12 +158,10 @@ def ssl_augmentation(img_size, dataset):
     """SimCLR's augmentation of one image, ending in a normalised float tensor."""
     info, kernel = DATASETS[dataset], blur_kernel_size(img_size)
     blur = [v2.RandomApply([v2.GaussianBlur(kernel, sigma=BLUR_SIGMA)], p=P_BLUR)] if kernel else []
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True), v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER), v2.RandomGrayscale(p=P_GRAY), *blur,
-        v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std),
-    ])
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True),
+                       v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER),
+                       v2.RandomGrayscale(p=P_GRAY), *blur, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(info.mean, info.std)])
 
 
 def eval_transform(img_size, dataset):
@@ -174,12 +169,6 @@ def eval_transform(img_size, dataset):
     info = DATASETS[dataset]
     return v2.Compose([v2.ToImage(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
-
-
-def views_per_image(cfg):
-    """4: each network draws its own pair of views, so neither can match its peer by seeing the
-    same pixels (the paper's Figure 1); 2 for the student alone."""
-    return 2 if cfg.peer == "none" else 4
 
 
 class AugmentedImages(Dataset):
@@ -197,11 +186,12 @@ class AugmentedImages(Dataset):
 
 
 def training_set(base, cfg):
-    """The loader's items: each image's views, or (--gpu-augment) the image alone for to_views to augment."""
+    """The loader's items: each image's views, or with --gpu-augment the image alone, for to_views to augment.
+    4 views: each network its own pair, so neither can match its peer by seeing the same pixels (paper's Fig. 1)."""
     if cfg.gpu_augment:
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
         return AugmentedImages(base, sized, 1)
-    return AugmentedImages(base, ssl_augmentation(cfg.img_size, cfg.dataset), views_per_image(cfg))
+    return AugmentedImages(base, ssl_augmentation(cfg.img_size, cfg.dataset), 2 if cfg.peer == "none" else 4)
 
 
 def to_views(batch, cfg, device):
@@ -211,7 +201,7 @@ def to_views(batch, cfg, device):
         return batch
     info = DATASETS[cfg.dataset]
     return torch.stack([batch_ssl_augmentation(batch[:, 0], cfg.img_size, info.mean, info.std)
-                        for _ in range(views_per_image(cfg))], dim=1)
+                        for _ in range(2 if cfg.peer == "none" else 4)], dim=1)
 
 
 # ---- Networks: encoder f (the backbone) and projection head g ----------------------------------
@@ -230,23 +220,19 @@ class WideBlock(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(a))
 
 
-def wide_resnet(depth, width):
-    """WRN-depth-width (Zagoruyko & Komodakis 2016), for 32 px images: three groups of 16w, 32w and 64w channels."""
-    blocks, c_in = [], 16
-    for group, c_out in enumerate((16 * width, 32 * width, 64 * width)):
-        for b in range((depth - 4) // 6):
-            blocks.append(WideBlock(c_in, c_out, stride=2 if group > 0 and b == 0 else 1))
-            c_in = c_out
-    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), *blocks, nn.BatchNorm2d(c_in),
-                         nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
 def make_encoder(arch, img_size):
     """(encoder, feature size): the backbone without its classifier. Below 100 px, the CIFAR stem (stride-1 first
     convolution, no max-pool): the ImageNet stem would shrink a 32 px image to 8 px before the first block."""
     small = img_size < 100
-    if arch.startswith("wrn"):  # a CIFAR network already; wrn16_2: depth 16, width 2
-        net = wide_resnet(*(int(n) for n in arch[3:].split("_")))
+    if arch.startswith("wrn"):  # WRN-depth_width (Zagoruyko & Komodakis 2016), a CIFAR network already
+        depth, width = (int(n) for n in arch[3:].split("_"))
+        blocks, c_in = [], 16
+        for group, c_out in enumerate((16 * width, 32 * width, 64 * width)):  # strides 1, 2, 2
+            for b in range((depth - 4) // 6):
+                blocks.append(WideBlock(c_in, c_out, stride=2 if group > 0 and b == 0 else 1))
+                c_in = c_out
+        net = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), *blocks, nn.BatchNorm2d(c_in),
+                            nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     elif arch.startswith("resnet"):
         net = getattr(torchvision.models, arch)(weights=None)
         net.fc = nn.Identity()
@@ -315,8 +301,7 @@ def nt_xent(z1, z2, temperature=0.5):
 
     .. math::
         \ell_i = -\log \frac{\exp(s(z_i, z_{i^+}) / t)}{\sum_{k \ne i} \exp(s(z_i, z_k) / t)},
-        \qquad L = \frac{1}{2N} \sum_{i=1}^{2N} \ell_i
-    """
+        \qquad L = \frac{1}{2N} \sum_{i=1}^{2N} \ell_i"""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)                       # (2N, d), unit rows
     logits = z @ z.T / temperature                                    # (2N, 2N)
@@ -518,7 +503,6 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
-
     log = Progress(csv_path, read_metrics(csv_path, step), cfg, total_steps)
     stop = False
     with StopOnCtrlC(quiet=rank > 0) as ctrl_c:
@@ -863,9 +847,8 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
 
 
 # ---- SimCLR's augmentation on the device, a batch at a time (--gpu-augment) --------------------
-# ssl_augmentation batched: the same steps, constants and distributions, on the batch's own device, each
-# image drawing its own crop, flip, jitter factors and order, grayscale and blur. All randomness comes from
-# uniform() with `generator`: seeded, it makes the output reproducible; it must live on the images' device.
+# ssl_augmentation batched: the same steps, constants and distributions, each image drawing its own. All randomness
+# comes from uniform() with `generator`: seeded, it makes the output reproducible; it must be on the images' device.
 def uniform(x, generator, *shape):  # U[0, 1) of the given shape, on the device of x
     return torch.rand(*shape, generator=generator, device=x.device)
 
@@ -894,8 +877,7 @@ def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), ge
     centres = (torch.arange(size, device=x.device) + 0.5) / size
     xs = (left[:, None] + centres * w[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
     ys = (top[:, None] + centres * h[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
-    flip = uniform(x, generator, B, 1) < 0.5
-    xs = torch.where(flip, xs.flip(1), xs)  # horizontal flip = read the columns right to left
+    xs = torch.where(uniform(x, generator, B, 1) < 0.5, xs.flip(1), xs)  # flip: read the columns right to left
     # grid_sample wants (x, y) in [-1, 1], -1 and 1 the outer pixel edges (align_corners=False).
     grid = torch.stack(torch.broadcast_tensors((2 * xs[:, None, :] + 1) / W - 1,
                                                (2 * ys[:, :, None] + 1) / H - 1), dim=-1)

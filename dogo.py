@@ -18,8 +18,8 @@ Usage:
     torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each
     python dogo.py --benchmark --batch-size 64          # where the time of a step goes
 
-Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py. The method reads
-top to bottom in the paper's order, from the config to main; the plumbing follows it.
+Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py. The method comes
+first, in the paper's order; the plumbing follows.
 """
 import argparse
 import csv
@@ -48,7 +48,6 @@ from torchvision.transforms import v2
 ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "wrn16_8", "wrn28_2",
          "mobilenetv2", "shufflenetv2")
 OBJECTIVES = ("simclr", "simsiam")
-# A resumed run must rebuild exactly the same networks on the same data.
 FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
 DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")  # native resolution; what normalises its images
 DATASETS = {"cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -88,7 +87,7 @@ class Config:
     peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 1/256: the authors' 1 at batch 256")
     proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see")
     # running
-    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (cores, up to 8); 0 = the main process")
+    workers: int = flag(min(8, os.cpu_count() or 1), "loader processes (the cores, up to 8); 0 = the main process")
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = flag("", "where outputs go; '' = runs/DATASET_ARCH_PEER, or the --resume checkpoint's folder")
@@ -365,8 +364,7 @@ def ssl_loss(net, x1, x2, temperature, amp=False):
 
 
 def train_step(student, peer, optimizers, views, cfg):
-    """One DoGo step on views (B, 4, C, H, W): views 0-1 go to the student, 2-3 to the peer (with peer None,
-    a plain SSL step on views 0-1). Returns the loss terms as floats."""
+    """One DoGo step on views (B, 4, C, H, W): 0-1 the student's, 2-3 the peer's (if any) -> loss terms as floats."""
     amp = views.is_cuda if cfg.amp is None else cfg.amp
     ssl, (s1, s2) = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
     terms, loss = {"ssl": ssl}, ssl
@@ -420,8 +418,8 @@ def config_from_checkpoint(ckpt):
 
 
 def resolve_config(cfg, given=frozenset()):
-    """(the config to run, the checkpoint to resume or None). `given`: the flags set on the command line,
-    which with --resume override the checkpoint's config (those in FIXED_ON_RESUME must agree with it)."""
+    """(the config to run, the checkpoint to resume or None). `given`: the flags set on the command line, which
+    with --resume override the checkpoint's; those in FIXED_ON_RESUME, which fix the networks and data, must agree."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
@@ -516,7 +514,7 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
                     raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before "
                                         f"updating the weights or the checkpoint; try a lower --lr") from None
                 step += 1
-                stop = any_process(ctrl_c.requested, device)
+                stop = ctrl_c.anywhere(device)
                 if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or stop):
                     log.write(epoch + 1, step)
                 if step == total_steps or stop:
@@ -634,14 +632,6 @@ def gather(x):
     return GatherRows.apply(x) if dist.is_initialized() else x
 
 
-def any_process(value, device):
-    """True on every process when it is True on one: all must stop at the same step."""
-    if dist.is_initialized():
-        value = torch.tensor(float(value), device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value)
-
-
 class EpochOrder(DistributedSampler):
     """This process's share of each epoch's order, fixed by (seed, epoch): process r of W takes positions r,
     r + W, ..., so the global batches do not depend on W. start(epoch, skip) skips what a resumed run has seen."""
@@ -682,7 +672,7 @@ def ignore_ctrl_c(worker_id):
 
 
 class StopOnCtrlC:
-    """First Ctrl-C: stop after this step and save; a second aborts. quiet: no message (torchrun: process 0 says it)."""
+    """First Ctrl-C: stop after this step and save; a second aborts. quiet: silent (under torchrun, all but rank 0)."""
 
     def __init__(self, quiet=False):
         self.quiet, self.requested = quiet, False
@@ -699,6 +689,14 @@ class StopOnCtrlC:
 
     def __exit__(self, *_):
         signal.signal(signal.SIGINT, self.previous)
+
+    def anywhere(self, device):
+        """Whether any process got a Ctrl-C: all must stop at the same step."""
+        requested = self.requested
+        if dist.is_initialized():
+            requested = torch.tensor(float(requested), device=device)
+            dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+        return bool(requested)
 
 
 def prepare_out_dir(path):
@@ -946,8 +944,7 @@ def batch_ssl_augmentation(images, img_size, mean, std, generator=None):
     x = color_jitter_grayscale(x, generator=generator)
     if blur_kernel_size(img_size):
         x = _random_blur(x, blur_kernel_size(img_size), generator=generator)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
-    return (x - mean) / std
+    return v2.functional.normalize(x, mean, std)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ Usage:
     torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each
     python dogo.py --benchmark --batch-size 64          # where the time of a step goes
 
-Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py. The method comes
-first, in the paper's order; the plumbing follows.
+Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py.
 """
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -64,12 +64,10 @@ def flag(default, help, choices=None):
 
 @dataclasses.dataclass
 class Config:
-    # what to train
     arch: str = flag("resnet18", "the student's architecture: the small network DoGo is for", ARCHS)
     peer: str = flag("resnet50", "the peer's architecture; none = no peer (the baseline)", ARCHS + ("none",))
     objective: str = flag("simclr", "the student's self-supervised task", OBJECTIVES)
     peer_objective: str = flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
-    # data
     dataset: str = flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
     data_dir: str = flag("./data", "download folder; imagefolder: class folders in train/ and test/ or val/")
     img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 px; STL-10 96, imagefolder 64)")
@@ -86,8 +84,7 @@ class Config:
                             "the authors' 100 with their N*N reduction at batch 256")
     peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 1/256: the authors' 1 at batch 256")
     proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see")
-    # running
-    workers: int = flag(min(8, os.cpu_count() or 1), "loader processes (the cores, up to 8); 0 = the main process")
+    workers: int = flag(min(8, os.cpu_count() or 1), "loader processes (cores, up to 8); 0 = the main process")
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = flag("", "where outputs go; '' = runs/DATASET_ARCH_PEER, or the --resume checkpoint's folder")
@@ -122,7 +119,7 @@ def check_config(cfg):
 
 # ---- Data and augmentations --------------------------------------------------------------------
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
-    """The raw (image, label) dataset of a split: 'ssl' (STL-10's adds its unlabeled images), 'train' or 'test'."""
+    """The raw (image, label) dataset of a split: 'ssl' (STL-10's adds unlabeled images), 'train' or 'test'."""
     train = split != "test"
     if name == "synthetic":  # made in memory: see the plumbing at the end of this file
         return SyntheticShapes(synthetic_size if train else max(synthetic_size // 4, 10), img_size, train=train)
@@ -149,7 +146,7 @@ P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
 
 
 def blur_kernel_size(img_size):
-    """Odd, about 10% of the image; 0 below 64 px, whose little detail blur would destroy (as SimCLR on CIFAR)."""
+    """Odd, ~10% of the image; 0 below 64 px, where blur would wipe out the detail (SimCLR skips it on CIFAR)."""
     return int(0.1 * img_size) // 2 * 2 + 1 if img_size >= 64 else 0
 
 
@@ -165,9 +162,8 @@ def ssl_augmentation(img_size, dataset):
 
 def eval_transform(img_size, dataset):
     """No augmentation: resize and centre-crop to the training size, then normalise."""
-    info = DATASETS[dataset]
     return v2.Compose([v2.ToImage(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(*DATASETS[dataset][1:])])
 
 
 class AugmentedImages(Dataset):
@@ -186,7 +182,7 @@ class AugmentedImages(Dataset):
 
 def training_set(base, cfg):
     """The loader's items: each image's views, or with --gpu-augment the image alone, for to_views to augment.
-    4 views: each network its own pair, so neither can match its peer by seeing the same pixels (paper's Fig. 1)."""
+    4 views: each network its own pair, so neither can match its peer by seeing the same pixels (Figure 1)."""
     if cfg.gpu_augment:
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
         return AugmentedImages(base, sized, 1)
@@ -255,8 +251,7 @@ def make_encoder(arch, img_size):
 
 
 class SSLNet(nn.Module):
-    """Encoder f (self.encoder: what evaluation uses), head g and, for SimSiam, predictor h: forward(x) -> (z =
-    g(f(x)), h(z) or None). SimSiam's head (Chen & He 2021) is sized down for small images: 512-d, 128 inside."""
+    """Encoder f, head g, SimSiam's predictor h: forward(x) -> (z = g(f(x)), h(z) or None); evaluation uses f."""
 
     def __init__(self, arch, img_size, proj_dim=128, objective="simclr", hidden_dim=512):
         super().__init__()
@@ -266,7 +261,7 @@ class SSLNet(nn.Module):
         if objective == "simclr":  # no bias before BatchNorm: BN brings its own
             self.head = nn.Sequential(*block(self.feature_dim, hidden_dim), nn.Linear(hidden_dim, proj_dim))
             self.predictor = None
-        else:
+        else:  # SimSiam's (Chen & He 2021), sized down for small images: 512-d, with a 128-d bottleneck
             self.head = nn.Sequential(*block(self.feature_dim, hidden_dim), *block(hidden_dim, hidden_dim)[:2])
             self.predictor = nn.Sequential(*block(hidden_dim, hidden_dim // 4), nn.Linear(hidden_dim // 4, hidden_dim))
 
@@ -313,18 +308,16 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
     r"""DoGo's distillation term KL(Q || P): this network's similarity distribution P is pulled towards
     its peer's, Q, a fixed target (the peer side is detached). z1, z2: (N, d) this network's projections
     of its two views; z1_peer, z2_peer: the peer's, of its own views of the same N images; t: temperature.
+    A true KL divergence per row, averaged over the N rows; the authors' code divides by N*N instead
+    (kl_div's reduction='mean'), so their weight is N times ours: their 100 at N = 256 is 100/256 here.
 
     .. math::
         P_{ij} = \operatorname{softmax}_j\big(\cos(z^1_i, z^2_j) / t\big), \quad
         Q_{ij} = \operatorname{softmax}_j\big(\cos(z^{1,peer}_i, z^{2,peer}_j) / t\big), \quad
-        \mathrm{KL}(Q \| P) = \frac{1}{N} \sum_{i=1}^{N} \sum_{j=1}^{N} Q_{ij} \log \frac{Q_{ij}}{P_{ij}}
-
-    a true KL divergence per row, averaged over the N rows. The authors' code divides by N*N instead
-    (kl_div's reduction='mean'), so their weight is N times ours: their 100 at N = 256 is 100/256 here."""
+        \mathrm{KL}(Q \| P) = \frac{1}{N} \sum_{i=1}^{N} \sum_{j=1}^{N} Q_{ij} \log \frac{Q_{ij}}{P_{ij}}"""
     def log_similarity_distribution(a, b):                            # (N, N) row log-probabilities
         # log_softmax, not softmax().log(): log P stays finite where a probability underflows
         return F.log_softmax(F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature, dim=1)
-
     log_p = log_similarity_distribution(z1, z2)
     # Stop-gradient: the peer is a teacher for this term only; it learns from its own term.
     log_q = log_similarity_distribution(z1_peer.detach(), z2_peer.detach())
@@ -332,9 +325,8 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
 
 
 def simsiam_loss(p1, p2, z1, z2):
-    r"""SimSiam's symmetric loss (Chen & He 2021, eq. 1-2), averaged over the batch; p1, p2, z1, z2: (N, d).
-    Each view's prediction p regresses the other view's projection z, a fixed target: the stop-gradient
-    is what keeps SimSiam from collapsing without negatives.
+    r"""SimSiam's loss (Chen & He 2021, eq. 1-2), batch-averaged; p1, p2, z1, z2: (N, d). Each prediction p
+    regresses the other view's projection z, a fixed target: the stop-gradient keeps SimSiam from collapsing.
 
     .. math::  L = -\tfrac{1}{2}\cos(p_1, \mathrm{sg}(z_2)) - \tfrac{1}{2}\cos(p_2, \mathrm{sg}(z_1))"""
     return -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
@@ -364,7 +356,7 @@ def ssl_loss(net, x1, x2, temperature, amp=False):
 
 
 def train_step(student, peer, optimizers, views, cfg):
-    """One DoGo step on views (B, 4, C, H, W): 0-1 the student's, 2-3 the peer's (if any) -> loss terms as floats."""
+    """One DoGo step on views (B, 4 or 2, C, H, W): 0-1 the student's, 2-3 the peer's -> loss terms as floats."""
     amp = views.is_cuda if cfg.amp is None else cfg.amp
     ssl, (s1, s2) = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
     terms, loss = {"ssl": ssl}, ssl
@@ -376,10 +368,9 @@ def train_step(student, peer, optimizers, views, cfg):
         loss = loss + cfg.kd_weight * terms["kl"] + ssl_peer + cfg.peer_kd_weight * terms["kl_peer"]
     if not torch.isfinite(loss):
         raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()))
-    # dogo_kl detaches its target: one backward of the sum gives each network exactly its own loss's gradient.
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # dogo_kl detaches its target: each network gets exactly the gradient of its own loss
     for opt in optimizers:
         opt.step()
     return {k: v.item() for k, v in terms.items()}
@@ -387,7 +378,7 @@ def train_step(student, peer, optimizers, views, cfg):
 
 # ---- The training loop and its checkpoints -----------------------------------------------------
 def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0):
-    """Atomically (temporary file, then rename); only tensors and plain values, to load with weights_only=True."""
+    """Atomically (temporary file, then rename), only tensors and plain values: loads with weights_only=True."""
     state = dict(config=dataclasses.asdict(cfg), step=step, epoch=epoch,  # epochs completed
                  student=student.state_dict(), student_opt=optimizers[0].state_dict(),
                  peer=peer.state_dict() if peer else None, peer_opt=optimizers[1].state_dict() if peer else None,
@@ -418,8 +409,8 @@ def config_from_checkpoint(ckpt):
 
 
 def resolve_config(cfg, given=frozenset()):
-    """(the config to run, the checkpoint to resume or None). `given`: the flags set on the command line, which
-    with --resume override the checkpoint's; those in FIXED_ON_RESUME, which fix the networks and data, must agree."""
+    """(the config to run, the checkpoint to resume or None). `given`: the command line's flags, which with
+    --resume override the checkpoint's config, except FIXED_ON_RESUME (networks, data), which must agree."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
@@ -460,10 +451,9 @@ def networks_on(device, cfg):
 
 
 def runner(net, cfg, device, world):
-    """What train_step calls for net (None stays None): in DDP under torchrun (gradients averaged over the
-    processes; --sync-bn: BatchNorm over the global batch), compiled in place with --compile. Weights stay net's."""
+    """net as train_step calls it (None stays None): in DDP under torchrun; compiled in place with --compile."""
     if net is not None and world > 1:
-        if cfg.sync_bn:  # in place: the optimiser's parameters stay the same objects
+        if cfg.sync_bn:  # BatchNorm over the global batch, in place: the optimiser keeps the same parameters
             nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     if net is not None and cfg.compile:
@@ -472,7 +462,7 @@ def runner(net, cfg, device, world):
 
 
 def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
-    """Train from scratch or from ckpt (see resolve_config) -> (student, peer); only process 0 prints and writes."""
+    """Train from scratch or ckpt (see resolve_config) -> (student, peer); only process 0 prints and writes."""
     data = training_set(load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size), cfg)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -535,7 +525,7 @@ def main(argv=None):
         cfg, given = parse_flags(Config, argv, "dogo.py", __doc__.splitlines()[0])
         cfg, ckpt = resolve_config(cfg, given)
         rank, world, device = init_distributed(cfg)
-        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input sizes: cuDNN times its kernels once
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed sizes: cuDNN picks its kernels once
         if cfg.benchmark:
             benchmark(cfg, rank, world, device)
         else:
@@ -558,13 +548,12 @@ class UsageError(Exception):
     """A problem the user can fix (a flag, a path, missing data): reported as one line, exit 2."""
 
 
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the problem, instead of the usage and exit
-        raise UsageError(f"{message} (see python {self.prog} --help)")
-
-
 def parse_flags(config_class, argv=None, prog="dogo.py", description=None):
-    """(config, names of the flags given): a flag per field of the config dataclass, with its help and choices."""
+    """(config, names of the flags given): a flag per field of config_class, with its help and choices."""
+    class FlagParser(argparse.ArgumentParser):
+        def error(self, message):  # one line naming the problem, instead of the usage and exit
+            raise UsageError(f"{message} (see python {self.prog} --help)")
+
     # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
     parser = FlagParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(config_class):
@@ -611,8 +600,8 @@ def init_distributed(cfg):
 
 
 class GatherRows(torch.autograd.Function):
-    """all_gather whose backward sums over the processes the gradients of this process's rows: each computes the
-    same global loss, so the sum is W times one's gradient, and DDP's average leaves the whole batch's gradient."""
+    """all_gather whose backward sums over the processes the gradients of this process's rows: every process
+    computes the same loss, so the sum is W times one's gradient, and DDP's average leaves the whole batch's."""
 
     @staticmethod
     def forward(ctx, x):
@@ -634,7 +623,7 @@ def gather(x):
 
 class EpochOrder(DistributedSampler):
     """This process's share of each epoch's order, fixed by (seed, epoch): process r of W takes positions r,
-    r + W, ..., so the global batches do not depend on W. start(epoch, skip) skips what a resumed run has seen."""
+    r + W, ..., so global batches do not depend on W. start(epoch, skip) skips what a resumed run has seen."""
 
     def __init__(self, data, seed, rank=0, world=1):
         super().__init__(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -657,7 +646,7 @@ def seed_of(cfg, rank, step):
 
 
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
-    """Batches of this process's share; call loader.sampler.start(epoch, skip) first. step: where the run starts."""
+    """Batches of this process's share; call loader.sampler.start(epoch, skip) first. step: the run's first."""
     return DataLoader(data, cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
                       drop_last=True,  # every step has the same number of negatives
                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0,  # no start-up per epoch
@@ -672,7 +661,7 @@ def ignore_ctrl_c(worker_id):
 
 
 class StopOnCtrlC:
-    """First Ctrl-C: stop after this step and save; a second aborts. quiet: silent (under torchrun, all but rank 0)."""
+    """First Ctrl-C: stop after this step and save; a second one aborts. quiet: no message (ranks > 0)."""
 
     def __init__(self, quiet=False):
         self.quiet, self.requested = quiet, False
@@ -764,8 +753,7 @@ def plot_losses(rows, png_path):
 
 # ---- The synthetic dataset, for offline runs and tests -----------------------------------------
 class SyntheticShapes(Dataset):
-    """Ten classes made in memory, the same for a given split and size: five shapes and five textures under
-    random colours, position, scale and noise: only shape and texture tell the class. Items: (uint8 3xSxS, label)."""
+    """Ten classes, five shapes and five textures, drawn in memory, the same each time: (uint8 3xSxS, label)."""
     classes = ("disk", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "diagonal", "checker", "dots")
 
     def __init__(self, size=2000, img_size=32, train=True):
@@ -805,8 +793,7 @@ class SyntheticShapes(Dataset):
 
 # ---- --benchmark: where the time of a training step goes ---------------------------------------
 def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
-    """--benchmark on synthetic images: images of the global batch per second of whole steps (images_per_s), of
-    the loader and train_step alone (loader_, model_images_per_s); bound_by, peak_mem_mb, device; --max-steps (10)."""
+    """--benchmark, on synthetic images: images/s of whole steps, of the loader and of train_step alone."""
     steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # untimed: warm-up, the loader's queue
     data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
     student, peer = networks_on(device, cfg)
@@ -824,14 +811,10 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
         sync()
         return cfg.batch_size * (i + 1 - drain) / (time.perf_counter() - tick)
 
-    def step(views):
-        return train_step(run_student, run_peer, optimizers, views, cfg)
-
+    step = functools.partial(train_step, run_student, run_peer, optimizers, cfg=cfg)  # step(views)
     loader_speed = images_per_s(lambda batch: to_views(batch[0], cfg, device), loader)
-    loader.sampler.start(1)
     speed = images_per_s(lambda batch: step(to_views(batch[0], cfg, device)), loader)
-    views = to_views(next(iter(loader))[0], cfg, device)
-    model_speed = images_per_s(step, [views] * (drain + steps))
+    model_speed = images_per_s(step, [to_views(next(iter(loader))[0], cfg, device)] * (drain + steps))
     peak_mb = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     result = dict(images_per_s=speed, loader_images_per_s=loader_speed, model_images_per_s=model_speed,
@@ -845,15 +828,14 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
 
 
 # ---- SimCLR's augmentation on the device, a batch at a time (--gpu-augment) --------------------
-# ssl_augmentation batched: the same steps, constants and distributions, each image drawing its own. All randomness
-# comes from uniform() with `generator`: seeded, it makes the output reproducible; it must be on the images' device.
+# ssl_augmentation batched: the same steps, constants and distributions, each image with its own draws. The
+# randomness all comes from uniform() with `generator`, on the images' device: seeded, it makes runs repeatable.
 def uniform(x, generator, *shape):  # U[0, 1) of the given shape, on the device of x
     return torch.rand(*shape, generator=generator, device=x.device)
 
 
 def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), generator=None):
-    """RandomResizedCrop + RandomHorizontalFlip, float (B, C, H, W) -> (B, C, size, size). As in torchvision,
-    each image keeps the first of 10 (area, aspect ratio) draws that fits; argmax finds it for all at once."""
+    """RandomResizedCrop + RandomHorizontalFlip as in torchvision, float (B, C, H, W) -> (B, C, size, size)."""
     B, _, H, W = x.shape
     u = uniform(x, generator, B, 10, 2)
     area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
@@ -861,10 +843,9 @@ def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), ge
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])  # log-uniform aspect ratio
     w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
     fits = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
-    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first box that fits
+    first = fits.int().argmax(dim=1, keepdim=True)  # each image keeps the first of its 10 draws that fits
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    # No fit in 10 tries: central crop of the whole image, clamped to the allowed aspect ratios.
-    ok = fits.any(dim=1)
+    ok = fits.any(dim=1)  # else a central crop of the whole image, clamped to the allowed aspect ratios
     w = torch.where(ok, w, round(H * ratio[1]) if W / H > ratio[1] else W)
     h = torch.where(ok, h, round(W / ratio[0]) if W / H < ratio[0] else H)
     pos = uniform(x, generator, B, 2)  # top-left corner: uniform over the integer positions, as in torchvision
@@ -916,8 +897,7 @@ def color_jitter_grayscale(x, jitter=JITTER, p_jitter=P_JITTER, p_gray=P_GRAY, g
         ref = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
         f = factors.gather(1, order[:, step:step + 1]).view(B, 1, 1, 1)
         new = torch.lerp(ref, out, f).clamp(0, 1)  # f * out + (1 - f) * ref, clamped as in torchvision
-        # Hue is costly: shift only the images whose turn it is (a GPU sync, cheaper than 4 shifts of all).
-        is_hue = order[:, step] == 3
+        is_hue = order[:, step] == 3  # hue is costly: shift just these images (a GPU sync, but cheaper)
         new[is_hue] = _shift_hue(out[is_hue], hue[is_hue])
         out = new
     out = torch.where(uniform(x, generator, B, 1, 1, 1) < p_jitter, out, x)
@@ -938,7 +918,7 @@ def _random_blur(x, kernel_size, generator=None):
 
 
 def batch_ssl_augmentation(images, img_size, mean, std, generator=None):
-    """(B, 3, H, W) uint8 or [0, 1] float images, on any device -> normalised float32 (B, 3, img_size, img_size)."""
+    """uint8 or [0, 1] float (B, 3, H, W), on any device -> normalised float32 (B, 3, img_size, img_size)."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     x = random_resized_crop_flip(x, img_size, generator=generator)
     x = color_jitter_grayscale(x, generator=generator)

@@ -162,8 +162,9 @@ def ssl_augmentation(img_size, dataset):
 
 def eval_transform(img_size, dataset):
     """No augmentation: resize and centre-crop to the training size, then normalise."""
+    info = DATASETS[dataset]
     return v2.Compose([v2.ToImage(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(*DATASETS[dataset][1:])])
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
 
 
 class AugmentedImages(Dataset):
@@ -499,10 +500,11 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
             loader.sampler.start(epoch, skip=step % steps_per_epoch * (cfg.batch_size // world))
             for batch, _ in loader:
                 try:
-                    log.add(train_step(run_student, run_peer, optimizers, to_views(batch, cfg, device), cfg))
+                    terms = train_step(run_student, run_peer, optimizers, to_views(batch, cfg, device), cfg)
                 except NonFiniteLoss as err:  # the checkpoint on disk is the last good state
                     raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before "
                                         f"updating the weights or the checkpoint; try a lower --lr") from None
+                log.interval.append(terms)
                 step += 1
                 stop = ctrl_c.anywhere(device)
                 if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or stop):
@@ -703,10 +705,7 @@ class Progress:
 
     def __init__(self, csv_path, rows, cfg, total_steps):
         self.csv_path, self.rows, self.cfg, self.total_steps = csv_path, rows, cfg, total_steps
-        self.interval, self.tick = [], time.time()  # the loss terms of each step since the last write
-
-    def add(self, terms):
-        self.interval.append(terms)
+        self.interval, self.tick = [], time.time()  # interval: the loss terms of each step since the last write
 
     def write(self, epoch, step):
         speed = len(self.interval) * self.cfg.batch_size / (time.time() - self.tick)

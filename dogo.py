@@ -106,7 +106,7 @@ def require(cfg, name, ok, what):
 
 
 def check_config(cfg):
-    """Refuse the numbers that cannot work (argparse checks types and choices); nan and inf fail all tests."""
+    """Refuse the numbers that cannot work (argparse checks types and choices); nan and inf fail every check."""
     for name in ("lr", "temperature", "kd_temperature"):
         require(cfg, name, lambda v: 0 < v < math.inf, "a positive number")
     for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "workers"):
@@ -119,7 +119,7 @@ def check_config(cfg):
 
 # ---- Data and augmentations --------------------------------------------------------------------
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
-    """The raw (image, label) dataset of a split: 'ssl' (STL-10's adds unlabeled images), 'train' or 'test'."""
+    """The raw (image, label) dataset of a split: 'ssl' (STL-10 adds its unlabeled images), 'train' or 'test'."""
     train = split != "test"
     if name == "synthetic":  # made in memory: see the plumbing at the end of this file
         return SyntheticShapes(synthetic_size if train else max(synthetic_size // 4, 10), img_size, train=train)
@@ -602,8 +602,8 @@ def init_distributed(cfg):
 
 
 class GatherRows(torch.autograd.Function):
-    """all_gather whose backward sums over the processes the gradients of this process's rows: every process
-    computes the same loss, so the sum is W times one's gradient, and DDP's average leaves the whole batch's."""
+    """all_gather (torch's differentiable one is deprecated) whose backward sums over the processes the gradients
+    of this process's rows: all compute the same loss, so DDP's average of that W-fold sum is the whole batch's."""
 
     @staticmethod
     def forward(ctx, x):
@@ -648,7 +648,7 @@ def seed_of(cfg, rank, step):
 
 
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
-    """Batches of this process's share; call loader.sampler.start(epoch, skip) first. step: the run's first."""
+    """This process's batches; call loader.sampler.start(epoch, skip) before each epoch; step: the run's start."""
     return DataLoader(data, cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
                       drop_last=True,  # every step has the same number of negatives
                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0,  # no start-up per epoch

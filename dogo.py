@@ -3,10 +3,9 @@
 Bhat, Arani, Zonooz. "Distill on the Go: Online knowledge distillation in self-supervised
 learning", CVPR 2021 workshop on Learning from Limited and Imperfect Data, arXiv:2104.09866.
 
-Two networks learn from scratch at the same time, without labels: the student (--arch), the small
-network that DoGo is for, and its peer (--peer). Each solves SimCLR (or SimSiam) on its own two
-views of every image, and also learns to agree with the other on how similar the images of a
-batch are to each other (deep mutual learning on similarity scores):
+Two networks learn from scratch at the same time, without labels: the student (--arch), the small network
+DoGo is for, and its peer (--peer). Each solves SimCLR (or SimSiam) on its own two views of every image, and
+learns to agree with the other on how similar the images of a batch are (mutual learning on similarities):
 
     L_k = SSL_k  +  lambda_k * KL( P_other || P_k )      (P: row-softmax of cross-view cosines)
 
@@ -20,23 +19,20 @@ Usage:
     python dogo.py --benchmark --batch-size 64          # where the time of a step goes
 
 Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py.
-The method reads top to bottom in the paper's order: config, data and augmentations, networks,
-losses, the training step, the loop and its checkpoints, main. The plumbing follows, under its own
-banners: flags, processes, logs, the synthetic dataset, --benchmark, batched augmentation.
 """
 import argparse
 import csv
 import dataclasses
-import itertools
+import functools
 import json
 import math
 import os
 import resource
 import signal
 import sys
+import tempfile
 import time
 from collections import namedtuple
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -44,7 +40,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
@@ -53,77 +48,54 @@ from torchvision.transforms import v2
 ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "wrn16_8", "wrn28_2",
          "mobilenetv2", "shufflenetv2")
 OBJECTIVES = ("simclr", "simsiam")
-
-# Per dataset: native resolution, and the per-channel mean and std that normalise its images.
-DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")
-DATASETS = {
-    "cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": DatasetInfo(96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
-    "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
+FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
+DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")  # native resolution; what normalises its images
+DATASETS = {"cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+            "stl10": DatasetInfo(96, (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+            "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+            "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
 
 
 def flag(default, help, choices=None):
     """A config field; its help and choices become those of its command-line flag."""
-    return field(default=default, metadata=dict(help=help, choices=choices))
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices))
 
 
-@dataclass
+@dataclasses.dataclass
 class Config:
-    # what to train
     arch: str = flag("resnet18", "the student's architecture: the small network DoGo is for", ARCHS)
-    peer: str = flag("resnet50", "the peer's architecture; none: the student alone, the baseline "
-                     "that DoGo is compared against", ARCHS + ("none",))
+    peer: str = flag("resnet50", "the peer's architecture; none = no peer (the baseline)", ARCHS + ("none",))
     objective: str = flag("simclr", "the student's self-supervised task", OBJECTIVES)
     peer_objective: str = flag("", "the peer's task; '' = the same as --objective", OBJECTIVES + ("",))
-    # data
     dataset: str = flag("cifar10", "what to train on; synthetic is built in, for offline use", tuple(DATASETS))
-    data_dir: str = flag("./data", "where datasets are downloaded to, or the image folder "
-                         "(with train/ and test/ or val/, one sub-folder per class)")
-    img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 for CIFAR and "
-                         "synthetic, 96 for STL-10, 64 for imagefolder)")
+    data_dir: str = flag("./data", "download folder; imagefolder: class folders in train/ and test/ or val/")
+    img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 px; STL-10 96, imagefolder 64)")
     synthetic_size: int = flag(2000, "images in the synthetic training split (test: a quarter)")
     # optimisation (the paper's published configuration)
-    epochs: int = flag(200, "passes over the data; 200 is the usual budget of SSL studies on "
-                       "CIFAR-sized data, and SSL keeps improving with longer schedules")
-    max_steps: int = flag(0, "stop after this many training steps in total, counted across "
-                          "resumes; 0 = no cap (for quick runs)")
+    epochs: int = flag(200, "passes over the data (200: the usual budget of SSL studies on CIFAR)")
+    max_steps: int = flag(0, "stop after this many steps in all, counted across resumes; 0 = no cap")
     batch_size: int = flag(256, "images per step (over all processes), each giving 4 views")
     lr: float = flag(3e-4, "Adam learning rate, for both networks")
     weight_decay: float = flag(1e-6, "Adam weight decay")
     temperature: float = flag(0.5, "NT-Xent temperature")
     kd_temperature: float = flag(0.1, "temperature of the similarity distributions in the KL term")
-    kd_weight: float = flag(0.390625, "weight of the student's KL term (KL averaged over rows); "
-                            "0.390625 = 100/256, the authors' weight of 100 with their "
-                            "N*N reduction at batch 256")
-    peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 0.00390625 = 1/256, "
-                                 "the authors' weight of 1 at batch 256")
+    kd_weight: float = flag(0.390625, "weight of the student's KL term (averaged over rows); 100/256: "
+                            "the authors' 100 with their N*N reduction at batch 256")
+    peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 1/256: the authors' 1 at batch 256")
     proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see")
-    # running
-    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes (this machine's "
-                        "cores, up to 8); 0 loads in the main process")
+    workers: int = flag(min(8, os.cpu_count() or 1), "loader processes (cores, up to 8); 0 = the main process")
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
-    out_dir: str = flag("", "where metrics, plot and checkpoint go; '' = runs/DATASET_ARCH_PEER, "
-                        "or the checkpoint's folder with --resume")
-    resume: str = flag("", "checkpoint.pt to continue from; flags given now override its config, "
-                       "except those that define the networks and data")
+    out_dir: str = flag("", "where outputs go; '' = runs/DATASET_ARCH_PEER, or the --resume checkpoint's folder")
+    resume: str = flag("", "checkpoint.pt to continue; flags given override its config, except networks and data")
     log_every: int = flag(50, "steps between progress lines and rows of metrics.csv")
     # speed (none of these changes the method)
-    amp: bool = flag(None, "bfloat16 autocast for the networks, the losses staying in float32 "
-                     "(default: on with CUDA, off on CPU)")
+    amp: bool = flag(None, "bfloat16 autocast for the networks, not the losses (default: only with CUDA)")
     compile: bool = flag(False, "torch.compile the networks: a slow first step, faster later ones")
     sync_bn: bool = flag(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
-    gpu_augment: bool = flag(False, "augment on the training device, a batch at a time, instead of "
-                             "per image in the loader processes: for GPUs that the CPU cannot feed")
-    benchmark: bool = flag(False, "instead of training, time the parts of a few steps on synthetic "
-                           "data at this --arch, --peer, --batch-size and --img-size")
-
-
-# A resumed run must rebuild exactly the same networks on the same data.
-FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
+    gpu_augment: bool = flag(False, "augment batches on the device, not images in the loader (for fast GPUs)")
+    benchmark: bool = flag(False, "instead of training, time a few steps at these settings on synthetic data")
 
 
 def require(cfg, name, ok, what):
@@ -134,8 +106,7 @@ def require(cfg, name, ok, what):
 
 
 def check_config(cfg):
-    """The numbers that cannot work (argparse has checked types and choices); nan and inf fail
-    every one of these comparisons."""
+    """Refuse the numbers that cannot work (argparse checks types and choices); nan and inf fail every check."""
     for name in ("lr", "temperature", "kd_temperature"):
         require(cfg, name, lambda v: 0 < v < math.inf, "a positive number")
     for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "workers"):
@@ -148,19 +119,17 @@ def check_config(cfg):
 
 # ---- Data and augmentations --------------------------------------------------------------------
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
-    """The raw (image, label) dataset of one split: 'ssl' (what self-supervision trains on),
-    'train' (the labelled training images) or 'test'. STL-10's 'ssl' adds its unlabeled split."""
+    """The raw (image, label) dataset of a split: 'ssl' (STL-10 adds its unlabeled images), 'train' or 'test'."""
+    train = split != "test"
     if name == "synthetic":  # made in memory: see the plumbing at the end of this file
-        n = synthetic_size if split != "test" else max(synthetic_size // 4, 10)
-        return SyntheticShapes(n, img_size, train=split != "test")
+        return SyntheticShapes(synthetic_size if train else max(synthetic_size // 4, 10), img_size, train=train)
     try:
         if name in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            return cls(data_dir, train=split != "test", download=True)
+            return getattr(torchvision.datasets, name.upper())(data_dir, train=train, download=True)
         if name == "stl10":
             stl_split = {"ssl": "train+unlabeled", "train": "train", "test": "test"}[split]
             return torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
-        folders = ["train"] if split != "test" else ["test", "val"]
+        folders = ["train"] if train else ["test", "val"]
         for folder in folders:
             if os.path.isdir(os.path.join(data_dir, folder)):
                 return torchvision.datasets.ImageFolder(os.path.join(data_dir, folder))
@@ -171,16 +140,13 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
                          f"put the data there, or run offline with --dataset synthetic") from None
 
 
-# SimCLR's augmentation (Chen et al. 2020, Appendix A), shared by the per-image pipeline below and
-# the batched one at the end of this file: crop scale, colour jitter (brightness, contrast,
-# saturation, hue) with its probability, grayscale and blur probabilities, blur sigma range.
+# SimCLR's augmentation (Chen et al. 2020, Appendix A); JITTER: brightness, contrast, saturation and hue.
 CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8
 P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
 
 
 def blur_kernel_size(img_size):
-    """Odd, about 10% of the image; 0 below 64 px, where blur would destroy the little detail
-    that a 32 px image has (SimCLR skips it on CIFAR)."""
+    """Odd, ~10% of the image; 0 below 64 px, where blur would wipe out the detail (SimCLR skips it on CIFAR)."""
     return int(0.1 * img_size) // 2 * 2 + 1 if img_size >= 64 else 0
 
 
@@ -188,16 +154,10 @@ def ssl_augmentation(img_size, dataset):
     """SimCLR's augmentation of one image, ending in a normalised float tensor."""
     info, kernel = DATASETS[dataset], blur_kernel_size(img_size)
     blur = [v2.RandomApply([v2.GaussianBlur(kernel, sigma=BLUR_SIGMA)], p=P_BLUR)] if kernel else []
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER),
-        v2.RandomGrayscale(p=P_GRAY),
-        *blur,
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(info.mean, info.std),
-    ])
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=CROP_SCALE, antialias=True),
+                       v2.RandomHorizontalFlip(), v2.RandomApply([v2.ColorJitter(*JITTER)], p=P_JITTER),
+                       v2.RandomGrayscale(p=P_GRAY), *blur, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(info.mean, info.std)])
 
 
 def eval_transform(img_size, dataset):
@@ -205,12 +165,6 @@ def eval_transform(img_size, dataset):
     info = DATASETS[dataset]
     return v2.Compose([v2.ToImage(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
-
-
-def views_per_image(cfg):
-    """4: each network draws its own pair of views, so neither can match its peer by seeing the
-    same pixels (the paper's Figure 1); 2 for the student alone."""
-    return 2 if cfg.peer == "none" else 4
 
 
 class AugmentedImages(Dataset):
@@ -228,12 +182,12 @@ class AugmentedImages(Dataset):
 
 
 def training_set(base, cfg):
-    """What the loader serves: each image's 4 views (2 with --peer none), or with --gpu-augment
-    the image alone, at the training size, for to_views to augment on the device."""
+    """The loader's items: each image's views, or with --gpu-augment the image alone, for to_views to augment.
+    4 views: each network its own pair, so neither can match its peer by seeing the same pixels (Figure 1)."""
     if cfg.gpu_augment:
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
         return AugmentedImages(base, sized, 1)
-    return AugmentedImages(base, ssl_augmentation(cfg.img_size, cfg.dataset), views_per_image(cfg))
+    return AugmentedImages(base, ssl_augmentation(cfg.img_size, cfg.dataset), 2 if cfg.peer == "none" else 4)
 
 
 def to_views(batch, cfg, device):
@@ -243,7 +197,7 @@ def to_views(batch, cfg, device):
         return batch
     info = DATASETS[cfg.dataset]
     return torch.stack([batch_ssl_augmentation(batch[:, 0], cfg.img_size, info.mean, info.std)
-                        for _ in range(views_per_image(cfg))], dim=1)
+                        for _ in range(2 if cfg.peer == "none" else 4)], dim=1)
 
 
 # ---- Networks: encoder f (the backbone) and projection head g ----------------------------------
@@ -254,8 +208,7 @@ class WideBlock(nn.Module):
         super().__init__()
         self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = (nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-                         if stride != 1 or c_in != c_out else None)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False) if stride != 1 or c_in != c_out else None
 
     def forward(self, x):
         a = F.relu(self.bn1(x))
@@ -263,44 +216,34 @@ class WideBlock(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(a))
 
 
-def wide_resnet(depth, width):
-    """WRN-depth-width (Zagoruyko & Komodakis 2016): three groups of (depth - 4) / 6 blocks with
-    16w, 32w and 64w channels, the last two at stride 2. Made for 32 px images."""
-    blocks, c_in = [], 16
-    for group, c_out in enumerate((16 * width, 32 * width, 64 * width)):
-        for b in range((depth - 4) // 6):
-            blocks.append(WideBlock(c_in, c_out, stride=2 if group > 0 and b == 0 else 1))
-            c_in = c_out
-    return nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), *blocks, nn.BatchNorm2d(c_in),
-                         nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-
-
 def make_encoder(arch, img_size):
-    """(encoder, feature size): the backbone without its classifier, (B, 3, S, S) -> (B, features).
-    Below 100 px the ImageNet stems (stride-2 convolution, then max-pool) would shrink a 32 px
-    image to 8 px before the first block: small images get the CIFAR stem instead (a stride-1
-    first convolution, no max-pool). WideResNets are CIFAR networks."""
+    """(encoder, feature size): the backbone without its classifier. Below 100 px, the CIFAR stem (stride-1 first
+    convolution, no max-pool): the ImageNet stem would shrink a 32 px image to 8 px before the first block."""
     small = img_size < 100
-    if arch.startswith("wrn"):
+    if arch.startswith("wrn"):  # WRN-depth_width (Zagoruyko & Komodakis 2016), a CIFAR network already
         depth, width = (int(n) for n in arch[3:].split("_"))
-        net = wide_resnet(depth, width)
+        blocks, c_in = [], 16
+        for group, c_out in enumerate((16 * width, 32 * width, 64 * width)):  # strides 1, 2, 2
+            for b in range((depth - 4) // 6):
+                blocks.append(WideBlock(c_in, c_out, stride=2 if group > 0 and b == 0 else 1))
+                c_in = c_out
+        net = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), *blocks, nn.BatchNorm2d(c_in),
+                            nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     elif arch.startswith("resnet"):
         net = getattr(torchvision.models, arch)(weights=None)
-        if small:
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
         net.fc = nn.Identity()
+        if small:
+            net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
     elif arch == "mobilenetv2":
         net = torchvision.models.mobilenet_v2(weights=None)
+        net.classifier = nn.Identity()
         if small:
             net.features[0][0].stride = (1, 1)
-        net.classifier = nn.Identity()
     elif arch == "shufflenetv2":
         net = torchvision.models.shufflenet_v2_x1_0(weights=None)
-        if small:
-            net.conv1[0].stride = (1, 1)
-            net.maxpool = nn.Identity()
         net.fc = nn.Identity()
+        if small:
+            net.conv1[0].stride, net.maxpool = (1, 1), nn.Identity()
     else:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     with torch.no_grad():
@@ -309,10 +252,7 @@ def make_encoder(arch, img_size):
 
 
 class SSLNet(nn.Module):
-    """Encoder f (self.encoder: what evaluation uses), projection head g and, for SimSiam,
-    predictor h. forward(x) -> (z = g(f(x)), h(z) or None), before any normalisation.
-    SimCLR's head is the authors': Linear(f, 512, no bias) - BN - ReLU - Linear(512, proj_dim);
-    SimSiam's (Chen & He 2021) is sized down for small images: 512-d, with a 128-d bottleneck."""
+    """Encoder f, head g, SimSiam's predictor h: forward(x) -> (z = g(f(x)), h(z) or None); evaluation uses f."""
 
     def __init__(self, arch, img_size, proj_dim=128, objective="simclr", hidden_dim=512):
         super().__init__()
@@ -322,7 +262,7 @@ class SSLNet(nn.Module):
         if objective == "simclr":  # no bias before BatchNorm: BN brings its own
             self.head = nn.Sequential(*block(self.feature_dim, hidden_dim), nn.Linear(hidden_dim, proj_dim))
             self.predictor = None
-        else:
+        else:  # SimSiam's (Chen & He 2021), sized down for small images: 512-d, with a 128-d bottleneck
             self.head = nn.Sequential(*block(self.feature_dim, hidden_dim), *block(hidden_dim, hidden_dim)[:2])
             self.predictor = nn.Sequential(*block(hidden_dim, hidden_dim // 4), nn.Linear(hidden_dim // 4, hidden_dim))
 
@@ -350,18 +290,13 @@ def build_optimizers(networks, cfg):
 
 # ---- Losses: pure functions of the projections of one batch ------------------------------------
 def nt_xent(z1, z2, temperature=0.5):
-    r"""SimCLR's NT-Xent loss over the 2N views of one network (Chen et al. 2020, eq. 1).
-
-    z1, z2: (N, d) projections of the two views of the same N images (row i of z1 and of z2
-    come from image i). With s(a, b) the cosine similarity and t the temperature,
+    r"""SimCLR's NT-Xent loss (Chen et al. 2020, eq. 1), one (2N, 2N) matrix product: memory O(N^2). z1, z2:
+    (N, d) projections of the two views of the same N images (row i of each from image i). Over the 2N views,
+    with s the cosine similarity, t the temperature and i^+ the other view of image i (2N - 2 negatives):
 
     .. math::
         \ell_i = -\log \frac{\exp(s(z_i, z_{i^+}) / t)}{\sum_{k \ne i} \exp(s(z_i, z_k) / t)},
-        \qquad L = \frac{1}{2N} \sum_{i=1}^{2N} \ell_i
-
-    over the 2N stacked views, where i^+ is the other view of image i: one positive and 2N - 2
-    negatives per anchor. One (2N, 2N) matrix product: memory O(N^2), never an (N, N, d) tensor.
-    """
+        \qquad L = \frac{1}{2N} \sum_{i=1}^{2N} \ell_i"""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)                       # (2N, d), unit rows
     logits = z @ z.T / temperature                                    # (2N, 2N)
@@ -371,25 +306,19 @@ def nt_xent(z1, z2, temperature=0.5):
 
 
 def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
-    r"""DoGo's distillation term KL(Q || P): this network's similarity distribution P is pulled
-    towards its peer's, Q, which is a fixed target here (the peer side is detached).
-
-    z1, z2: (N, d) this network's projections of its two views; z1_peer, z2_peer: the peer's,
-    of its own two views of the same N images. With t = temperature,
+    r"""DoGo's distillation term KL(Q || P): this network's similarity distribution P is pulled towards
+    its peer's, Q, a fixed target (the peer side is detached). z1, z2: (N, d) this network's projections
+    of its two views; z1_peer, z2_peer: the peer's, of its own views of the same N images; t: temperature.
+    A true KL divergence per row, averaged over the N rows; the authors' code divides by N*N instead
+    (kl_div's reduction='mean'), so their weight is N times ours: their 100 at N = 256 is 100/256 here.
 
     .. math::
         P_{ij} = \operatorname{softmax}_j\big(\cos(z^1_i, z^2_j) / t\big), \quad
         Q_{ij} = \operatorname{softmax}_j\big(\cos(z^{1,peer}_i, z^{2,peer}_j) / t\big), \quad
-        \mathrm{KL}(Q \| P) = \frac{1}{N} \sum_{i=1}^{N} \sum_{j=1}^{N} Q_{ij} \log \frac{Q_{ij}}{P_{ij}}
-
-    summed over each row and averaged over the N rows (anchors): a true KL divergence per row.
-    The authors' code divides by N*N instead (kl_div's reduction='mean'), so their weight
-    lambda_official equals lambda = lambda_official / N here: their 100 at N = 256 is 0.390625.
-    """
+        \mathrm{KL}(Q \| P) = \frac{1}{N} \sum_{i=1}^{N} \sum_{j=1}^{N} Q_{ij} \log \frac{Q_{ij}}{P_{ij}}"""
     def log_similarity_distribution(a, b):                            # (N, N) row log-probabilities
         # log_softmax, not softmax().log(): log P stays finite where a probability underflows
         return F.log_softmax(F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / temperature, dim=1)
-
     log_p = log_similarity_distribution(z1, z2)
     # Stop-gradient: the peer is a teacher for this term only; it learns from its own term.
     log_q = log_similarity_distribution(z1_peer.detach(), z2_peer.detach())
@@ -397,13 +326,10 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
 
 
 def simsiam_loss(p1, p2, z1, z2):
-    r"""SimSiam's symmetric loss (Chen & He 2021, eq. 1-2): each view's prediction p regresses
-    the other view's projection z, which is a fixed target (stop-gradient, which is what keeps
-    SimSiam from collapsing without negatives):
+    r"""SimSiam's loss (Chen & He 2021, eq. 1-2), batch-averaged; p1, p2, z1, z2: (N, d). Each prediction p
+    regresses the other view's projection z, a fixed target: the stop-gradient keeps SimSiam from collapsing.
 
-    .. math::  L = -\tfrac{1}{2}\cos(p_1, \mathrm{sg}(z_2)) - \tfrac{1}{2}\cos(p_2, \mathrm{sg}(z_1))
-
-    averaged over the batch. p1, p2, z1, z2: (N, d)."""
+    .. math::  L = -\tfrac{1}{2}\cos(p_1, \mathrm{sg}(z_2)) - \tfrac{1}{2}\cos(p_2, \mathrm{sg}(z_1))"""
     return -(F.cosine_similarity(p1, z2.detach(), dim=1).mean()
              + F.cosine_similarity(p2, z1.detach(), dim=1).mean()) / 2
 
@@ -414,18 +340,15 @@ class NonFiniteLoss(Exception):
 
 
 def ssl_loss(net, x1, x2, temperature, amp=False):
-    """One network on its two views: (its SSL loss, the two (N, d) matrices that its KL term
-    compares). SimCLR: NT-Xent, and the projections of both views. SimSiam: its own loss, and the
-    prediction of view 1 against the projection of view 2, the pair that SimSiam itself aligns.
-    net: an SSLNet, as it is or DDP-wrapped. amp: bfloat16 autocast for the network."""
+    """One network on its two views -> (SSL loss, the two (N, d) matrices its KL term compares: SimCLR's two
+    projections, or SimSiam's prediction of view 1 and projection of view 2, the pair it aligns). amp: bf16."""
     x = torch.cat([x1, x2])
     if x.is_cuda:  # the networks are stored channels-last on GPUs, the faster layout for cuDNN
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         z, p = net(x)
-    # The losses stay in float32: softmax over 2N logits at t = 0.1 needs more than bf16's 8 bits.
-    # Under torchrun, gather makes every loss that of the global batch: every anchor meets all
-    # 2N - 2 negatives (see GatherRows for why the gradients then need no rescaling).
+    # The losses stay in float32: softmax over 2N logits at t = 0.1 needs more than bf16's 8 bits. Under
+    # torchrun, gather makes every loss that of the global batch: every anchor meets all 2N - 2 negatives.
     z1, z2 = (gather(t) for t in z.float().chunk(2))                    # (N, d) each
     if p is None:
         return nt_xent(z1, z2, temperature), (z1, z2)
@@ -434,9 +357,7 @@ def ssl_loss(net, x1, x2, temperature, amp=False):
 
 
 def train_step(student, peer, optimizers, views, cfg):
-    """One DoGo step on views (B, 4, C, H, W): views 0-1 go to the student, 2-3 to the peer.
-    With peer None it is a plain SSL step on views 0-1. Returns the loss terms as floats.
-    Under torchrun, views are this process's share of the batch and the networks DDP-wrapped."""
+    """One DoGo step on views (B, 4 or 2, C, H, W): 0-1 the student's, 2-3 the peer's -> loss terms as floats."""
     amp = views.is_cuda if cfg.amp is None else cfg.amp
     ssl, (s1, s2) = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
     terms, loss = {"ssl": ssl}, ssl
@@ -448,11 +369,9 @@ def train_step(student, peer, optimizers, views, cfg):
         loss = loss + cfg.kd_weight * terms["kl"] + ssl_peer + cfg.peer_kd_weight * terms["kl_peer"]
     if not torch.isfinite(loss):
         raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()))
-    # dogo_kl detaches its target, so each network's loss depends on its own weights only: one
-    # backward of the sum gives every network exactly the gradient of its own loss.
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()  # dogo_kl detaches its target: each network gets exactly the gradient of its own loss
     for opt in optimizers:
         opt.step()
     return {k: v.item() for k, v in terms.items()}
@@ -460,16 +379,12 @@ def train_step(student, peer, optimizers, views, cfg):
 
 # ---- The training loop and its checkpoints -----------------------------------------------------
 def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0):
-    """Atomically (temporary file, then rename): a crash never leaves a half-written checkpoint.
-    Only tensors and plain Python values, so that it loads with torch.load(weights_only=True)."""
-    state = {
-        "config": dataclasses.asdict(cfg), "step": step, "epoch": epoch,  # epochs completed
-        "student": student.state_dict(), "student_opt": optimizers[0].state_dict(),
-        "peer": peer.state_dict() if peer else None,
-        "peer_opt": optimizers[1].state_dict() if peer else None,
-        "rng_cpu": torch.get_rng_state(),  # the augmentations draw from it
-        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    """Atomically (temporary file, then rename), only tensors and plain values: loads with weights_only=True."""
+    state = dict(config=dataclasses.asdict(cfg), step=step, epoch=epoch,  # epochs completed
+                 student=student.state_dict(), student_opt=optimizers[0].state_dict(),
+                 peer=peer.state_dict() if peer else None, peer_opt=optimizers[1].state_dict() if peer else None,
+                 rng_cpu=torch.get_rng_state(),  # the augmentations draw from it
+                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -495,14 +410,12 @@ def config_from_checkpoint(ckpt):
 
 
 def resolve_config(cfg, given=frozenset()):
-    """The config to run, and the checkpoint to resume from (or None). `given`: the flags set on
-    the command line. With --resume, the checkpoint's config, overridden by the flags given now
-    except those that define the networks and the data, which must agree with it."""
+    """(the config to run, the checkpoint to resume or None). `given`: the command line's flags, which with
+    --resume override the checkpoint's config, except FIXED_ON_RESUME (networks, data), which must agree."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(cfg.resume)
+    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
+    if ckpt is not None:
         saved = config_from_checkpoint(ckpt)
         for name in FIXED_ON_RESUME:
             if name in given and getattr(cfg, name) != getattr(saved, name):
@@ -539,30 +452,24 @@ def networks_on(device, cfg):
 
 
 def runner(net, cfg, device, world):
-    """What train_step calls for net (None stays None). Under torchrun: net wrapped by DDP, which
-    averages the gradients over the processes during the backward pass, and with --sync-bn its
-    BatchNorm layers normalising over the global batch. With --compile: compiled in place. The
-    weights stay net's own, the ones that checkpoints save."""
+    """net as train_step calls it (None stays None): in DDP under torchrun; compiled in place with --compile."""
     if net is not None and world > 1:
-        if cfg.sync_bn:  # in place: the optimiser's parameters stay the same objects
+        if cfg.sync_bn:  # BatchNorm over the global batch, in place: the optimiser keeps the same parameters
             nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
     if net is not None and cfg.compile:
         net.compile()
     return net
 
 
 def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
-    """Train the student with its peer (or alone) as cfg says, from scratch or from a checkpoint
-    (resolve_config gives both); returns (student, peer). Under torchrun every process runs this
-    on its own share of each batch; process 0 alone prints and writes files."""
+    """Train from scratch or ckpt (see resolve_config) -> (student, peer); only process 0 prints and writes."""
     data = training_set(load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size), cfg)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
                          f"images; use a smaller batch")
-    total_steps = cfg.epochs * steps_per_epoch
-    total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     student, peer = networks_on(device, cfg)
     optimizers = build_optimizers([student, peer], cfg)
     step = restore(ckpt, student, peer, optimizers, cfg, device) if ckpt else 0
@@ -571,22 +478,21 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
         torch.manual_seed(seed_of(cfg, rank, step))
     loader = make_loader(data, cfg, device, rank, world, step)
     say = print if rank == 0 else lambda *args, **kwargs: None
-    paths = {k: os.path.join(cfg.out_dir, k) for k in ("checkpoint.pt", "metrics.csv", "losses.png")}
+    ckpt_path, csv_path, png_path = (os.path.join(cfg.out_dir, name)
+                                     for name in ("checkpoint.pt", "metrics.csv", "losses.png"))
     if rank == 0:
         prepare_out_dir(cfg.out_dir)
-    if ckpt is None and os.path.exists(paths["checkpoint.pt"]):
-        say(f"note: {cfg.out_dir} holds an earlier run, which this one replaces "
-            f"(to continue it instead: --resume {paths['checkpoint.pt']})")
+    if ckpt is None and os.path.exists(ckpt_path):
+        say(f"note: {cfg.out_dir} holds an earlier run, which this one replaces (to continue it instead: "
+            f"--resume {ckpt_path})")
     pair = cfg.arch if peer is None else f"{cfg.arch} + peer {cfg.peer}"
     where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
-    say(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
-        f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
-        f"{where}, out-dir {cfg.out_dir}", flush=True)
+    say(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch {cfg.batch_size}, "
+        f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, {where}, out-dir {cfg.out_dir}", flush=True)
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
-
-    log = Progress(paths["metrics.csv"], read_metrics(paths["metrics.csv"], step), cfg, total_steps)
+    log = Progress(csv_path, read_metrics(csv_path, step), cfg, total_steps)
     stop = False
     with StopOnCtrlC(quiet=rank > 0) as ctrl_c:
         while step < total_steps and not stop:
@@ -594,25 +500,24 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
             loader.sampler.start(epoch, skip=step % steps_per_epoch * (cfg.batch_size // world))
             for batch, _ in loader:
                 try:
-                    log.add(train_step(run_student, run_peer, optimizers, to_views(batch, cfg, device), cfg))
+                    terms = train_step(run_student, run_peer, optimizers, to_views(batch, cfg, device), cfg)
                 except NonFiniteLoss as err:  # the checkpoint on disk is the last good state
                     raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before "
                                         f"updating the weights or the checkpoint; try a lower --lr") from None
+                log.interval.append(terms)
                 step += 1
-                stop = any_process(ctrl_c.requested, device)
+                stop = ctrl_c.anywhere(device)
                 if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or stop):
                     log.write(epoch + 1, step)
                 if step == total_steps or stop:
                     break
             if rank == 0:  # end of an epoch, of the run, or Ctrl-C
-                save_checkpoint(paths["checkpoint.pt"], cfg, step, student, peer, optimizers,
-                                epoch=step // steps_per_epoch)
-                plot_losses(log.rows, paths["losses.png"])
+                save_checkpoint(ckpt_path, cfg, step, student, peer, optimizers, epoch=step // steps_per_epoch)
+                plot_losses(log.rows, png_path)
     if stop:
-        say(f"interrupted at step {step}: saved {paths['checkpoint.pt']}; continue with "
-            f"python dogo.py --resume {paths['checkpoint.pt']}")
+        say(f"interrupted at step {step}: saved {ckpt_path}; continue with python dogo.py --resume {ckpt_path}")
         raise KeyboardInterrupt
-    say(f"done: {paths['checkpoint.pt']}, {paths['metrics.csv']}, {paths['losses.png']}")
+    say(f"done: {ckpt_path}, {csv_path}, {png_path}")
     return student, peer
 
 
@@ -622,8 +527,7 @@ def main(argv=None):
         cfg, given = parse_flags(Config, argv, "dogo.py", __doc__.splitlines()[0])
         cfg, ckpt = resolve_config(cfg, given)
         rank, world, device = init_distributed(cfg)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input sizes: cuDNN times its kernels once
+        torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed sizes: cuDNN picks its kernels once
         if cfg.benchmark:
             benchmark(cfg, rank, world, device)
         else:
@@ -640,33 +544,27 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-# ================================================================================================
-# Plumbing: how the script runs, not what it computes
-# ================================================================================================
+# ==== Plumbing: how the script runs, not what it computes =======================================
 # ---- Flags: a config dataclass becomes the command line ----------------------------------------
 class UsageError(Exception):
     """A problem the user can fix (a flag, a path, missing data): reported as one line, exit 2."""
 
 
-class FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line naming the problem, instead of the usage and exit
-        raise UsageError(f"{message} (see python {self.prog} --help)")
-
-
 def parse_flags(config_class, argv=None, prog="dogo.py", description=None):
-    """(config, names of the flags given) from the command line; one flag per field of the config
-    dataclass, with the field's help and choices."""
+    """(config, names of the flags given): a flag per field of config_class, with its help and choices."""
+    class FlagParser(argparse.ArgumentParser):
+        def error(self, message):  # one line naming the problem, instead of the usage and exit
+            raise UsageError(f"{message} (see python {self.prog} --help)")
+
     # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
     parser = FlagParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(config_class):
         choices = f.metadata["choices"]
         default = "" if f.default is None else f" (default: {f.default!r})"  # None: told in the help
+        metavar = "{" + ",".join(c or "''" for c in choices) + "}" if choices else f.type.__name__.upper()
+        kind = dict(type=f.type, choices=choices, metavar=metavar)
         if f.type is bool:  # --amp and --no-amp
             kind = dict(action=argparse.BooleanOptionalAction)
-        elif choices:
-            kind = dict(type=f.type, choices=choices, metavar="{" + ",".join(c or "''" for c in choices) + "}")
-        else:
-            kind = dict(type=f.type, metavar=f.type.__name__.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"] + default, **kind)
     given = vars(parser.parse_args(argv))
     return config_class(**given), set(given)
@@ -686,9 +584,7 @@ def pick_device(name):
 
 
 def init_distributed(cfg):
-    """(rank, world size, device). torchrun starts the processes and tells each its RANK,
-    LOCAL_RANK and WORLD_SIZE; they join one process group: NCCL between GPUs (one GPU per
-    process), gloo on CPU. A plain `python dogo.py` is process 0 of 1."""
+    """(rank, world size, device) from torchrun's RANK, LOCAL_RANK and WORLD_SIZE: NCCL on GPUs, else gloo."""
     device = pick_device(cfg.device)
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
@@ -706,12 +602,8 @@ def init_distributed(cfg):
 
 
 class GatherRows(torch.autograd.Function):
-    """all_gather whose backward sums, over the processes, the gradients for this process's rows.
-
-    Every process computes the same global loss from the gathered rows, so the sum is W times one
-    process's gradient; DDP averages the weights' gradients over the W processes, which leaves
-    exactly the gradient of one process holding the whole batch. (PyTorch's own differentiable
-    all_gather is deprecated in torch 2.14, its replacement private: hence these few lines.)"""
+    """all_gather (torch's differentiable one is deprecated) whose backward sums over the processes the gradients
+    of this process's rows: all compute the same loss, so DDP's average of that W-fold sum is the whole batch's."""
 
     @staticmethod
     def forward(ctx, x):
@@ -731,20 +623,9 @@ def gather(x):
     return GatherRows.apply(x) if dist.is_initialized() else x
 
 
-def any_process(value, device):
-    """True on every process when it is True on one: all must stop at the same step."""
-    if not dist.is_initialized():
-        return value
-    value = torch.tensor(float(value), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value)
-
-
 class EpochOrder(DistributedSampler):
-    """This process's share of each epoch's order, which (seed, epoch) fix. Process r of W takes
-    positions r, r + W, r + 2W, ...: the k-th batches of all processes together hold the images of
-    the k-th batch of one process, so the global batches do not depend on W. start(epoch, skip)
-    skips the first images of this share, those that a resumed run has already trained on."""
+    """This process's share of each epoch's order, fixed by (seed, epoch): process r of W takes positions r,
+    r + W, ..., so global batches do not depend on W. start(epoch, skip) skips what a resumed run has seen."""
 
     def __init__(self, data, seed, rank=0, world=1):
         super().__init__(data, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
@@ -755,7 +636,7 @@ class EpochOrder(DistributedSampler):
         self.skip = skip
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        return iter(list(super().__iter__())[self.skip:])
 
     def __len__(self):
         return super().__len__() - self.skip
@@ -767,12 +648,10 @@ def seed_of(cfg, rank, step):
 
 
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
-    """Batches of this process's share of --batch-size; call loader.sampler.start(epoch, skip)
-    before each epoch. Its worker processes live for the whole run (persistent_workers): no start-up
-    cost per epoch. step: where the run starts, so that a resumed run draws new augmentations."""
-    return DataLoader(data, batch_size=cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
+    """This process's batches; call loader.sampler.start(epoch, skip) before each epoch; step: the run's start."""
+    return DataLoader(data, cfg.batch_size // world, sampler=EpochOrder(data, cfg.seed * 100003, rank, world),
                       drop_last=True,  # every step has the same number of negatives
-                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0,
+                      num_workers=cfg.workers, persistent_workers=cfg.workers > 0,  # no start-up per epoch
                       pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
                       generator=torch.Generator().manual_seed(seed_of(cfg, rank, step)),
                       worker_init_fn=ignore_ctrl_c)
@@ -784,12 +663,10 @@ def ignore_ctrl_c(worker_id):
 
 
 class StopOnCtrlC:
-    """First Ctrl-C: finish the current step, save, and exit. A second Ctrl-C aborts at once.
-    quiet: say nothing (under torchrun, every process gets the Ctrl-C; process 0 speaks)."""
-    requested = False
+    """First Ctrl-C: stop after this step and save; a second one aborts. quiet: no message (ranks > 0)."""
 
     def __init__(self, quiet=False):
-        self.quiet = quiet
+        self.quiet, self.requested = quiet, False
 
     def __enter__(self):
         self.previous = signal.signal(signal.SIGINT, self._handle)
@@ -804,36 +681,35 @@ class StopOnCtrlC:
     def __exit__(self, *_):
         signal.signal(signal.SIGINT, self.previous)
 
+    def anywhere(self, device):
+        """Whether any process got a Ctrl-C: all must stop at the same step."""
+        requested = self.requested
+        if dist.is_initialized():
+            requested = torch.tensor(float(requested), device=device)
+            dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+        return bool(requested)
+
 
 def prepare_out_dir(path):
     """Make --out-dir and check that files can be written there, before the first step."""
-    probe = os.path.join(path, f".write-test-{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as err:
         raise UsageError(f"--out-dir {path}: cannot write there ({err.strerror or err}); "
                          f"give a writable folder") from None
 
 
 class Progress:
-    """Averages the loss terms over each --log-every interval; prints one line per interval and
-    keeps the same numbers as the rows of metrics.csv, rewritten whole (and atomically) each time."""
+    """Averages the loss terms over each --log-every interval into a printed line and a row of metrics.csv."""
 
     def __init__(self, csv_path, rows, cfg, total_steps):
         self.csv_path, self.rows, self.cfg, self.total_steps = csv_path, rows, cfg, total_steps
-        self.sums, self.count, self.tick = {}, 0, time.time()
-
-    def add(self, terms):
-        for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
+        self.interval, self.tick = [], time.time()  # interval: the loss terms of each step since the last write
 
     def write(self, epoch, step):
-        speed = self.count * self.cfg.batch_size / (time.time() - self.tick)
-        means = {k: v / self.count for k, v in self.sums.items()}
+        speed = len(self.interval) * self.cfg.batch_size / (time.time() - self.tick)
+        means = {k: sum(t[k] for t in self.interval) / len(self.interval) for k in self.interval[0]}
         self.rows.append({"epoch": epoch, "step": step, **means, "images_per_s": speed})
         with open(self.csv_path + ".tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(self.rows[-1]))
@@ -844,12 +720,11 @@ class Progress:
         print(f"epoch {epoch}/{self.cfg.epochs} step {step}/{self.total_steps} | "
               + " ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f" | {speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
-        self.sums, self.count, self.tick = {}, 0, time.time()
+        self.interval, self.tick = [], time.time()
 
 
 def read_metrics(csv_path, until_step):
-    """The rows of metrics.csv up to until_step: a resumed run drops the rows logged after its
-    checkpoint (steps that a crash lost); a new run (step 0) starts with none."""
+    """The rows of metrics.csv up to until_step: a resumed run drops those its checkpoint never saw."""
     if until_step == 0 or not os.path.exists(csv_path):
         return []
     with open(csv_path, newline="") as f:
@@ -877,16 +752,8 @@ def plot_losses(rows, png_path):
 
 # ---- The synthetic dataset, for offline runs and tests -----------------------------------------
 class SyntheticShapes(Dataset):
-    """A small labelled image dataset made in memory, deterministic for a given split and size.
-
-    Ten classes: five shapes (disk, square, triangle, ring, cross) and five textures (horizontal,
-    vertical and diagonal stripes, checkerboard, dots), each under a random foreground and
-    background colour, position, scale (or period) and a little pixel noise. A network has to
-    learn shape and texture, since colour and position carry no information about the class.
-    Items are (uint8 tensor 3 x S x S, label), as torchvision datasets give (PIL image, label).
-    """
-    classes = ("disk", "square", "triangle", "ring", "cross",
-               "hstripes", "vstripes", "diagonal", "checker", "dots")
+    """Ten classes, five shapes and five textures, drawn in memory, the same each time: (uint8 3xSxS, label)."""
+    classes = ("disk", "square", "triangle", "ring", "cross", "hstripes", "vstripes", "diagonal", "checker", "dots")
 
     def __init__(self, size=2000, img_size=32, train=True):
         rng = np.random.default_rng(0 if train else 1)  # disjoint train and test images
@@ -901,18 +768,16 @@ class SyntheticShapes(Dataset):
         period = rng.uniform(0.12, 0.3)                  # texture period, likewise
         phase = rng.uniform(0, 1)
         dx, dy = x - cx, y - cy
-        masks = [
-            dx ** 2 + dy ** 2 < r ** 2,                                          # disk
-            np.maximum(abs(dx), abs(dy)) < r * 0.8,                              # square
-            (dy < r * 0.7) & (dy > 2 * abs(dx) - r),                             # triangle
-            abs(np.sqrt(dx ** 2 + dy ** 2) - r * 0.8) < r * 0.25,                # ring
-            (np.minimum(abs(dx), abs(dy)) < r * 0.3) & (np.maximum(abs(dx), abs(dy)) < r),  # cross
-            (y / period + phase) % 1 < 0.5,                                      # hstripes
-            (x / period + phase) % 1 < 0.5,                                      # vstripes
-            ((x + y) / period + phase) % 1 < 0.5,                                # diagonal
-            ((x / period + phase) % 1 < 0.5) ^ ((y / period + phase) % 1 < 0.5),  # checker
-            ((x / period + phase) % 1 - 0.5) ** 2 + ((y / period + phase) % 1 - 0.5) ** 2 < 0.09,
-        ]
+        masks = [dx ** 2 + dy ** 2 < r ** 2,                                          # disk
+                 np.maximum(abs(dx), abs(dy)) < r * 0.8,                              # square
+                 (dy < r * 0.7) & (dy > 2 * abs(dx) - r),                             # triangle
+                 abs(np.sqrt(dx ** 2 + dy ** 2) - r * 0.8) < r * 0.25,                # ring
+                 (np.minimum(abs(dx), abs(dy)) < r * 0.3) & (np.maximum(abs(dx), abs(dy)) < r),  # cross
+                 (y / period + phase) % 1 < 0.5,                                      # hstripes
+                 (x / period + phase) % 1 < 0.5,                                      # vstripes
+                 ((x + y) / period + phase) % 1 < 0.5,                                # diagonal
+                 ((x / period + phase) % 1 < 0.5) ^ ((y / period + phase) % 1 < 0.5),  # checker
+                 ((x / period + phase) % 1 - 0.5) ** 2 + ((y / period + phase) % 1 - 0.5) ** 2 < 0.09]  # dots
         fg, bg = rng.uniform(0, 1, size=(2, 3, 1, 1))
         bg = np.where(abs(fg - bg) < 0.3, 1 - fg, bg)    # keep foreground and background apart
         img = np.where(masks[label], fg, bg) + rng.normal(0, 0.03, size=(3, s, s))
@@ -925,15 +790,10 @@ class SyntheticShapes(Dataset):
         return self.images[i], self.targets[i]
 
 
-
 # ---- --benchmark: where the time of a training step goes ---------------------------------------
 def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
-    """--benchmark: how fast training runs at this set-up, and what bounds it, on synthetic images.
-    Prints (process 0) and returns {images_per_s: whole steps, the loader's batches included;
-    loader_images_per_s: the loader alone; model_images_per_s: train_step on views made
-    beforehand; bound_by: data or model; peak_mem_mb; device}. Images of the global batch, after
-    enough untimed batches to drain the loader's queue. --max-steps: the timed steps (10)."""
-    steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # the loader prefetches 2 per worker
+    """--benchmark, on synthetic images: images/s of whole steps, of the loader and of train_step alone."""
+    steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # untimed: warm-up, the loader's queue
     data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
     student, peer = networks_on(device, cfg)
     optimizers = build_optimizers([student, peer], cfg)
@@ -950,19 +810,14 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
         sync()
         return cfg.batch_size * (i + 1 - drain) / (time.perf_counter() - tick)
 
-    def step(views):
-        return train_step(run_student, run_peer, optimizers, views, cfg)
-
-    loader.sampler.start(0)
+    step = functools.partial(train_step, run_student, run_peer, optimizers, cfg=cfg)  # step(views)
     loader_speed = images_per_s(lambda batch: to_views(batch[0], cfg, device), loader)
-    loader.sampler.start(1)
     speed = images_per_s(lambda batch: step(to_views(batch[0], cfg, device)), loader)
-    views = to_views(next(iter(loader))[0], cfg, device)
-    model_speed = images_per_s(lambda _: step(views), range(drain + steps))
+    model_speed = images_per_s(step, [to_views(next(iter(loader))[0], cfg, device)] * (drain + steps))
+    peak_mb = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
     result = dict(images_per_s=speed, loader_images_per_s=loader_speed, model_images_per_s=model_speed,
-                  bound_by="data" if loader_speed < model_speed else "model",
-                  peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+                  bound_by="data" if loader_speed < model_speed else "model", peak_mem_mb=peak_mb,
                   device=f"{world} x {device.type}" if world > 1 else str(device))
     result = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
     if rank == 0:
@@ -972,19 +827,14 @@ def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
 
 
 # ---- SimCLR's augmentation on the device, a batch at a time (--gpu-augment) --------------------
-# ssl_augmentation batched: the same steps, constants and distributions as the per-image
-# torchvision pipeline, run on the batch's own device, with every image drawing its own crop, flip,
-# jitter factors and order, grayscale and blur. All randomness comes from uniform() with
-# `generator`: seeded, it makes the output reproducible; it must live on the images' device.
-def uniform(x, generator, *shape):
-    """Draws from U[0, 1) of the given shape, on the device of x."""
+# ssl_augmentation batched: the same steps, constants and distributions, each image with its own draws. The
+# randomness all comes from uniform() with `generator`, on the images' device: seeded, it makes runs repeatable.
+def uniform(x, generator, *shape):  # U[0, 1) of the given shape, on the device of x
     return torch.rand(*shape, generator=generator, device=x.device)
 
 
 def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), generator=None):
-    """RandomResizedCrop + RandomHorizontalFlip, float (B, C, H, W) -> (B, C, size, size). Like
-    torchvision, each image tries 10 (area, aspect ratio) draws and keeps the first integer box that
-    fits in the image: we draw all 10 at once and find the first fit with argmax."""
+    """RandomResizedCrop + RandomHorizontalFlip as in torchvision, float (B, C, H, W) -> (B, C, size, size)."""
     B, _, H, W = x.shape
     u = uniform(x, generator, B, 10, 2)
     area = H * W * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
@@ -992,14 +842,12 @@ def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), ge
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])  # log-uniform aspect ratio
     w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))
     fits = (w >= 1) & (w <= W) & (h >= 1) & (h <= H)
-    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first box that fits
+    first = fits.int().argmax(dim=1, keepdim=True)  # each image keeps the first of its 10 draws that fits
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
-    # No fit in 10 tries: central crop of the whole image, clamped to the allowed aspect ratios.
-    ok = fits.any(dim=1)
+    ok = fits.any(dim=1)  # else a central crop of the whole image, clamped to the allowed aspect ratios
     w = torch.where(ok, w, round(H * ratio[1]) if W / H > ratio[1] else W)
     h = torch.where(ok, h, round(W / ratio[0]) if W / H < ratio[0] else H)
-    # Top-left corner uniform over the integer positions (torch.randint in torchvision).
-    pos = uniform(x, generator, B, 2)
+    pos = uniform(x, generator, B, 2)  # top-left corner: uniform over the integer positions, as in torchvision
     left = torch.where(ok, torch.floor(pos[:, 0] * (W - w + 1)), (W - w) // 2)
     top = torch.where(ok, torch.floor(pos[:, 1] * (H - h + 1)), (H - h) // 2)
     # Bilinear resize of the box, torchvision's half-pixel convention: output pixel i reads input
@@ -1007,13 +855,11 @@ def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), ge
     centres = (torch.arange(size, device=x.device) + 0.5) / size
     xs = (left[:, None] + centres * w[:, None] - 0.5).clamp(left[:, None], (left + w - 1)[:, None])
     ys = (top[:, None] + centres * h[:, None] - 0.5).clamp(top[:, None], (top + h - 1)[:, None])
-    flip = uniform(x, generator, B, 1) < 0.5
-    xs = torch.where(flip, xs.flip(1), xs)  # horizontal flip = read the columns right to left
+    xs = torch.where(uniform(x, generator, B, 1) < 0.5, xs.flip(1), xs)  # flip: read the columns right to left
     # grid_sample wants (x, y) in [-1, 1], -1 and 1 the outer pixel edges (align_corners=False).
     grid = torch.stack(torch.broadcast_tensors((2 * xs[:, None, :] + 1) / W - 1,
                                                (2 * ys[:, :, None] + 1) / H - 1), dim=-1)
-    # Plain bilinear: torchvision antialiases when it shrinks a crop, a small change at these
-    # sizes (and none for CIFAR, whose crops are only ever enlarged).
+    # Plain bilinear: torchvision antialiases shrunk crops, a small change here (none on CIFAR: crops only grow).
     return F.grid_sample(x, grid, mode="bilinear", align_corners=False)
 
 
@@ -1050,9 +896,7 @@ def color_jitter_grayscale(x, jitter=JITTER, p_jitter=P_JITTER, p_gray=P_GRAY, g
         ref = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
         f = factors.gather(1, order[:, step:step + 1]).view(B, 1, 1, 1)
         new = torch.lerp(ref, out, f).clamp(0, 1)  # f * out + (1 - f) * ref, clamped as in torchvision
-        # Hue is the costly step: convert just the images whose turn it is (on a GPU the boolean
-        # indexing costs a sync, cheaper than shifting the hue of every image four times).
-        is_hue = order[:, step] == 3
+        is_hue = order[:, step] == 3  # hue is costly: shift just these images (a GPU sync, but cheaper)
         new[is_hue] = _shift_hue(out[is_hue], hue[is_hue])
         out = new
     out = torch.where(uniform(x, generator, B, 1, 1, 1) < p_jitter, out, x)
@@ -1065,8 +909,7 @@ def _random_blur(x, kernel_size, generator=None):
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * uniform(x, generator, B, 1)
     t = torch.arange(kernel_size, device=x.device) - kernel_size // 2
     kernel = torch.softmax(-0.5 * (t / sigma) ** 2, dim=1).repeat_interleave(C, dim=0)  # (B*C, K)
-    # One depthwise conv over all B*C channels applies every image's own kernel; the 2D Gaussian
-    # is separable: a vertical then a horizontal pass.
+    # One depthwise conv over all B*C channels applies each image's own kernel: vertical, then horizontal.
     y = F.pad(x.reshape(1, B * C, H, W), [kernel_size // 2] * 4, mode="reflect")
     y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
     y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C).view(B, C, H, W)
@@ -1074,15 +917,13 @@ def _random_blur(x, kernel_size, generator=None):
 
 
 def batch_ssl_augmentation(images, img_size, mean, std, generator=None):
-    """images: (B, 3, H, W) uint8 (or float in [0,1]) on any device; returns (B, 3, img_size, img_size)
-    float32, normalised with mean/std, each image with its own random draw."""
+    """uint8 or [0, 1] float (B, 3, H, W), on any device -> normalised float32 (B, 3, img_size, img_size)."""
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
     x = random_resized_crop_flip(x, img_size, generator=generator)
     x = color_jitter_grayscale(x, generator=generator)
     if blur_kernel_size(img_size):
         x = _random_blur(x, blur_kernel_size(img_size), generator=generator)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (mean, std))
-    return (x - mean) / std
+    return v2.functional.normalize(x, mean, std)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ learns to agree with the other on how similar the images of a batch are (mutual 
 Usage:
     python dogo.py --arch resnet18 --peer resnet50      # the paper's set-up: CIFAR-10, a GPU job
     python dogo.py --arch resnet18 --peer none          # the baseline: the student alone
-    python dogo.py --dataset synthetic --img-size 16 --synthetic-size 512 --batch-size 64 \
-        --arch resnet18 --peer resnet18 --epochs 5      # offline demo, minutes on a CPU
+    python dogo.py --dataset synthetic --arch wrn10_2 --peer wrn10_2 --img-size 16   # offline, on any CPU
     python dogo.py --resume runs/cifar10_resnet18_resnet50/checkpoint.pt --epochs 400
     torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each
     python dogo.py --benchmark --batch-size 64          # where the time of a step goes
@@ -21,6 +20,7 @@ Usage:
 Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py.
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -49,6 +49,7 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "w
          "mobilenetv2", "shufflenetv2")
 OBJECTIVES = ("simclr", "simsiam")
 FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
+OUTPUTS = ("checkpoint.pt", "metrics.csv", "losses.png")  # what a run writes in --out-dir
 DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")  # native resolution; what normalises its images
 DATASETS = {"cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": DatasetInfo(32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -72,7 +73,6 @@ class Config:
     data_dir: str = flag("./data", "download folder; imagefolder: class folders in train/ and test/ or val/")
     img_size: int = flag(0, "training resolution; 0 = the dataset's own (32 px; STL-10 96, imagefolder 64)")
     synthetic_size: int = flag(2000, "images in the synthetic training split (test: a quarter)")
-    # optimisation (the paper's published configuration)
     epochs: int = flag(200, "passes over the data (200: the usual budget of SSL studies on CIFAR)")
     max_steps: int = flag(0, "stop after this many steps in all, counted across resumes; 0 = no cap")
     batch_size: int = flag(256, "images per step (over all processes), each giving 4 views")
@@ -90,7 +90,6 @@ class Config:
     out_dir: str = flag("", "where outputs go; '' = runs/DATASET_ARCH_PEER, or the --resume checkpoint's folder")
     resume: str = flag("", "checkpoint.pt to continue; flags given override its config, except networks and data")
     log_every: int = flag(50, "steps between progress lines and rows of metrics.csv")
-    # speed (none of these changes the method)
     amp: bool = flag(None, "bfloat16 autocast for the networks, not the losses (default: only with CUDA)")
     compile: bool = flag(False, "torch.compile the networks: a slow first step, faster later ones")
     sync_bn: bool = flag(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
@@ -107,8 +106,8 @@ def require(cfg, name, ok, what):
 
 def check_config(cfg):
     """Refuse the numbers that cannot work (argparse checks types and choices); nan and inf fail every check."""
-    for name in ("lr", "temperature", "kd_temperature"):
-        require(cfg, name, lambda v: 0 < v < math.inf, "a positive number")
+    for name in ("lr", "temperature", "kd_temperature"):  # float32 weights: larger values overflow
+        require(cfg, name, lambda v: 0 < v <= torch.finfo(torch.float32).max, "a positive float32 number")
     for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "workers"):
         require(cfg, name, lambda v: 0 <= v < math.inf, "0 or more")
     for name in ("epochs", "proj_dim", "log_every"):
@@ -129,19 +128,19 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
         if name == "stl10":
             stl_split = {"ssl": "train+unlabeled", "train": "train", "test": "test"}[split]
             return torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
-        folders = ["train"] if train else ["test", "val"]
-        for folder in folders:
-            if os.path.isdir(os.path.join(data_dir, folder)):
-                return torchvision.datasets.ImageFolder(os.path.join(data_dir, folder))
-        raise FileNotFoundError(f"no {' or '.join(f + '/' for f in folders)} folder")
+        folders = [os.path.join(data_dir, f) for f in (["train"] if train else ["test", "val"])]
+        if not any(map(os.path.isdir, folders)):
+            raise FileNotFoundError(f"no {' or '.join(os.path.basename(f) + '/' for f in folders)} folder")
+        return ImageFolder(next(filter(os.path.isdir, folders)))
+    except UsageError:  # an image that cannot be read: ImageFolder names it
+        raise
     except Exception as err:  # offline, missing, corrupt: all end the same way for the user
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"cannot load {name} ({split} split) from --data-dir {data_dir}: {reason}; "
                          f"put the data there, or run offline with --dataset synthetic") from None
 
 
-# SimCLR's augmentation (Chen et al. 2020, Appendix A); JITTER: brightness, contrast, saturation and hue.
-CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8
+CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8  # SimCLR's (Chen et al. 2020, Appendix A)
 P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
 
 
@@ -378,15 +377,22 @@ def train_step(student, peer, optimizers, views, cfg):
 
 
 # ---- The training loop and its checkpoints -----------------------------------------------------
-def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0):
-    """Atomically (temporary file, then rename), only tensors and plain values: loads with weights_only=True."""
-    state = dict(config=dataclasses.asdict(cfg), step=step, epoch=epoch,  # epochs completed
+def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0, images=0):
+    """Atomically (temporary file, then rename), only tensors and plain values: loads with weights_only=True.
+    epoch: epochs completed; images: those of the next epoch already trained (a resume may change the batch)."""
+    state = dict(config=dataclasses.asdict(cfg), step=step, epoch=epoch, images=images,
                  student=student.state_dict(), student_opt=optimizers[0].state_dict(),
                  peer=peer.state_dict() if peer else None, peer_opt=optimizers[1].state_dict() if peer else None,
                  rng_cpu=torch.get_rng_state(),  # the augmentations draw from it
                  rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as err:  # a full disk, say: the temporary file would keep the space the next save needs
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise UsageError(f"cannot save {path} ({err.strerror or err}); the previous checkpoint is left as "
+                         f"it was: free some space, or resume it with another --out-dir") from None
 
 
 def load_checkpoint(path, flag="--resume"):
@@ -430,7 +436,7 @@ def resolve_config(cfg, given=frozenset()):
 
 
 def restore(ckpt, student, peer, optimizers, cfg, device):
-    """Load the networks, their optimisers and the RNG state from a checkpoint; returns its step."""
+    """Load the networks, their optimisers and the RNG state from a checkpoint -> (step, epoch, images)."""
     if (ckpt["peer"] is None) != (peer is None):
         raise UsageError(f"--resume {cfg.resume}: its peer does not match --peer {cfg.peer}")
     for net, opt, name in zip((student, peer), optimizers, ("student", "peer")):
@@ -441,7 +447,7 @@ def restore(ckpt, student, peer, optimizers, cfg, device):
     torch.set_rng_state(ckpt["rng_cpu"])
     if device.type == "cuda" and ckpt["rng_cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    return ckpt["step"]
+    return ckpt["step"], ckpt["epoch"], ckpt.get("images", 0)
 
 
 def networks_on(device, cfg):
@@ -467,58 +473,75 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     data = training_set(load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size), cfg)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the {len(data)} training "
-                         f"images; use a smaller batch")
-    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training images; use a smaller one")
     student, peer = networks_on(device, cfg)
     optimizers = build_optimizers([student, peer], cfg)
-    step = restore(ckpt, student, peer, optimizers, cfg, device) if ckpt else 0
+    step, epoch, done = restore(ckpt, student, peer, optimizers, cfg, device) if ckpt else (0, 0, 0)
+    # Position in images, not steps: a resumed run may use another --batch-size.
+    left = (cfg.epochs - epoch) * steps_per_epoch - (done // cfg.batch_size if epoch < cfg.epochs else 0)
+    total_steps = min(step + max(left, 0), cfg.max_steps or math.inf)
     run_student, run_peer = (runner(net, cfg, device, world) for net in (student, peer))
     if rank:  # other augmentations in each process (the weights stay in step through DDP)
         torch.manual_seed(seed_of(cfg, rank, step))
     loader = make_loader(data, cfg, device, rank, world, step)
     say = print if rank == 0 else lambda *args, **kwargs: None
-    ckpt_path, csv_path, png_path = (os.path.join(cfg.out_dir, name)
-                                     for name in ("checkpoint.pt", "metrics.csv", "losses.png"))
-    if rank == 0:
-        prepare_out_dir(cfg.out_dir)
-    if ckpt is None and os.path.exists(ckpt_path):
-        say(f"note: {cfg.out_dir} holds an earlier run, which this one replaces (to continue it instead: "
-            f"--resume {ckpt_path})")
-    pair = cfg.arch if peer is None else f"{cfg.arch} + peer {cfg.peer}"
+    ckpt_path, csv_path, png_path = (os.path.join(cfg.out_dir, name) for name in OUTPUTS)
     where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
-    say(f"DoGo: {pair} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch {cfg.batch_size}, "
-        f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, {where}, out-dir {cfg.out_dir}", flush=True)
+    say(f"DoGo: {cfg.arch} + peer {cfg.peer} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
+        f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, {where}, out-dir "
+        f"{cfg.out_dir}", flush=True)
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
-    log = Progress(csv_path, read_metrics(csv_path, step), cfg, total_steps)
-    stop = False
-    with StopOnCtrlC(quiet=rank > 0) as ctrl_c:
-        while step < total_steps and not stop:
-            epoch = step // steps_per_epoch
-            loader.sampler.start(epoch, skip=step % steps_per_epoch * (cfg.batch_size // world))
+    with claim_out_dir(cfg.out_dir) if rank == 0 else contextlib.nullcontext(), StopOnCtrlC(rank > 0) as ctrl_c:
+        log, stop, views = Progress(csv_path, cfg, step, total_steps), False, None
+        while epoch < cfg.epochs and step < total_steps and not stop:
+            loader.sampler.start(epoch, skip=done // world)
             for batch, _ in loader:
+                views = to_views(batch, cfg, device)
                 try:
-                    terms = train_step(run_student, run_peer, optimizers, to_views(batch, cfg, device), cfg)
+                    terms = train_step(run_student, run_peer, optimizers, views, cfg)
                 except NonFiniteLoss as err:  # the checkpoint on disk is the last good state
-                    raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before "
-                                        f"updating the weights or the checkpoint; try a lower --lr") from None
+                    raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before updating "
+                                        f"the weights or the checkpoint; {likely_cause(cfg)}") from None
                 log.interval.append(terms)
-                step += 1
+                step, done = step + 1, done + cfg.batch_size
                 stop = ctrl_c.anywhere(device)
                 if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or stop):
                     log.write(epoch + 1, step)
                 if step == total_steps or stop:
                     break
+            else:  # the epoch ran to its end
+                epoch, done = epoch + 1, 0
+            if len(data) - done < cfg.batch_size:  # the run's last step ended an epoch
+                epoch, done = epoch + 1, 0
             if rank == 0:  # end of an epoch, of the run, or Ctrl-C
-                save_checkpoint(ckpt_path, cfg, step, student, peer, optimizers, epoch=step // steps_per_epoch)
+                if views is not None:
+                    check_outputs([student, peer], views, cfg, step)
+                save_checkpoint(ckpt_path, cfg, step, student, peer, optimizers, epoch, done)
                 plot_losses(log.rows, png_path)
     if stop:
         say(f"interrupted at step {step}: saved {ckpt_path}; continue with python dogo.py --resume {ckpt_path}")
-        raise KeyboardInterrupt
+        sys.exit(130)
     say(f"done: {ckpt_path}, {csv_path}, {png_path}")
     return student, peer
+
+
+def likely_cause(cfg):
+    """What to change after a non-finite loss or weights: a temperature near 0, else the learning rate."""
+    low = [name for name in ("temperature", "kd_temperature") if getattr(cfg, name) < 0.01]
+    return f"raise --{low[0].replace('_', '-')}" if low else f"try a lower --lr than {cfg.lr}"
+
+
+@torch.no_grad()
+def check_outputs(networks, views, cfg, step):
+    """Refuse to save weights that give views (B, k, C, H, W) non-finite projections: finite ones can (1e30)."""
+    for net in filter(None, networks):
+        finite = bool(torch.isfinite(net.eval()(views[:, 0])[0]).all())
+        net.train()
+        if not finite:
+            raise NonFiniteLoss(f"the weights after step {step} give non-finite projections; stopped without "
+                                f"saving them (the checkpoint on disk is the last good state); {likely_cause(cfg)}")
 
 
 def main(argv=None):
@@ -532,12 +555,14 @@ def main(argv=None):
             benchmark(cfg, rank, world, device)
         else:
             train(cfg, ckpt, rank, world, device)
-    except (UsageError, NonFiniteLoss) as err:
+    except (UsageError, NonFiniteLoss, OSError) as err:  # OSError: a file that failed mid-run (an image, the disk)
         if int(os.environ.get("RANK", 0)):  # torchrun stops all processes when the first one
             time.sleep(5)                   # ends: let process 0 say it, once, when all agree
-        print(f"dogo.py: error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, UsageError) else 1)
-    except KeyboardInterrupt:
+        kept = "; the last checkpoint on disk is kept" if isinstance(err, OSError) else ""
+        print(f"dogo.py: error: {str(err).strip().splitlines()[-1]}{kept}", file=sys.stderr)  # a worker's: last
+        sys.exit(1 if isinstance(err, NonFiniteLoss) else 2)
+    except KeyboardInterrupt:  # the first Ctrl-C saves and exits in train; this is a second one, or an early one
+        print("dogo.py: stopped by Ctrl-C without saving; the last checkpoint on disk is kept", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_initialized():
@@ -638,9 +663,6 @@ class EpochOrder(DistributedSampler):
     def __iter__(self):
         return iter(list(super().__iter__())[self.skip:])
 
-    def __len__(self):
-        return super().__len__() - self.skip
-
 
 def seed_of(cfg, rank, step):
     """A seed of its own for each process and each start of a run (a resumed run draws anew)."""
@@ -690,22 +712,51 @@ class StopOnCtrlC:
         return bool(requested)
 
 
-def prepare_out_dir(path):
-    """Make --out-dir and check that files can be written there, before the first step."""
+@contextlib.contextmanager
+def claim_out_dir(path):
+    """Make --out-dir, check that it takes the outputs, and hold it for this run: a lock file with the process
+    id; another run there ends with one line, and a lock whose process has ended is replaced."""
     try:
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as err:
-        raise UsageError(f"--out-dir {path}: cannot write there ({err.strerror or err}); "
-                         f"give a writable folder") from None
+        raise UsageError(f"--out-dir {path}: cannot write there ({err.strerror or err}); give another") from None
+    for name in filter(lambda name: os.path.isdir(os.path.join(path, name)), OUTPUTS):
+        raise UsageError(f"--out-dir {path}: {name} there is a folder; move it away or give another --out-dir")
+    lock = os.path.join(path, "run.lock")
+    while True:
+        try:
+            with open(lock, "x") as f:  # "x" fails if the file exists: of two runs starting, one claims it
+                f.write(str(os.getpid()))
+            break
+        except FileExistsError:
+            with open(lock) as f:
+                owner = f.read().strip()
+        try:  # signal 0 sends nothing: it only asks whether the owner still runs
+            os.kill(int(owner), 0)
+        except (ValueError, ProcessLookupError):  # no process id, or its run ended without removing the lock
+            os.remove(lock)
+            continue
+        except PermissionError:  # it runs, under another user
+            pass
+        raise UsageError(f"--out-dir {path} is in use by another run (process {owner}, see {lock}); "
+                         f"wait for it to end, or give another --out-dir")
+    try:
+        yield
+    finally:
+        os.remove(lock)
 
 
 class Progress:
-    """Averages the loss terms over each --log-every interval into a printed line and a row of metrics.csv."""
+    """Averages the loss terms over each --log-every interval into a printed line and a row of metrics.csv. A
+    resumed run keeps the rows up to its checkpoint's step: it drops those of steps that a crash lost."""
 
-    def __init__(self, csv_path, rows, cfg, total_steps):
-        self.csv_path, self.rows, self.cfg, self.total_steps = csv_path, rows, cfg, total_steps
+    def __init__(self, csv_path, cfg, step, total_steps):
+        self.csv_path, self.cfg, self.total_steps, self.rows = csv_path, cfg, total_steps, []
         self.interval, self.tick = [], time.time()  # interval: the loss terms of each step since the last write
+        if step and os.path.exists(csv_path):
+            with open(csv_path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
 
     def write(self, epoch, step):
         speed = len(self.interval) * self.cfg.batch_size / (time.time() - self.tick)
@@ -721,14 +772,6 @@ class Progress:
               + " ".join(f"{k} {v:.4f}" for k, v in means.items())
               + f" | {speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
         self.interval, self.tick = [], time.time()
-
-
-def read_metrics(csv_path, until_step):
-    """The rows of metrics.csv up to until_step: a resumed run drops those its checkpoint never saw."""
-    if until_step == 0 or not os.path.exists(csv_path):
-        return []
-    with open(csv_path, newline="") as f:
-        return [r for r in csv.DictReader(f) if int(r["step"]) <= until_step]
 
 
 def plot_losses(rows, png_path):
@@ -788,6 +831,31 @@ class SyntheticShapes(Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.targets[i]
+
+
+# ---- Image folders: listed without loops, every image checked before training ------------------
+class ImageFolder(torchvision.datasets.ImageFolder):
+    """torchvision's, but links to other folders inside a class folder are not followed (they can loop forever,
+    or list images twice), and every image's header is read once up front: a broken file is one clear error."""
+
+    def __init__(self, root):
+        from PIL import Image
+        super().__init__(root)
+        tick = time.time()
+        for i, (path, _) in enumerate(self.samples):
+            try:
+                Image.open(path).close()
+            except (OSError, ValueError) as err:  # not an image, truncated, a dangling link, unreadable
+                raise UsageError(f"cannot read the image {path} ({type(err).__name__}); repair or remove it")
+            if time.time() - tick > 10:  # a line every 10 s on large folders
+                print(f"checked {i + 1}/{len(self.samples)} images", flush=True)
+                tick = time.time()
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return [(os.path.join(root, file), label) for name, label in sorted(class_to_idx.items())
+                for root, _, files in sorted(os.walk(os.path.join(directory, name)))
+                for file in sorted(files) if file.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)]
 
 
 # ---- --benchmark: where the time of a training step goes ---------------------------------------

@@ -584,15 +584,17 @@ def test_an_unreadable_image_is_named_before_training_starts(tmp_path, capsys, d
     assert not out.exists()  # stopped before the first step
 
 
-def test_an_image_that_breaks_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_path):
+def test_an_image_that_breaks_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp_path, capsys):
     root = image_folder(tmp_path / "data")
     out = str(tmp_path / "run")
-    assert run_dogo(*FOLDER, "--data-dir", str(root), "--out-dir", out).returncode == 0
+    dogo.main([*FOLDER, "--data-dir", str(root), "--out-dir", out])
     png = (root / "train" / "dog" / "3.png").read_bytes()
     (root / "train" / "dog" / "3.png").write_bytes(png[:len(png) // 2])  # its header reads, its pixels do not
-    result = run_dogo("--resume", os.path.join(out, "checkpoint.pt"), "--epochs", "2")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and "truncated" in result.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        dogo.main(["--resume", os.path.join(out, "checkpoint.pt"), "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "truncated" in err and "checkpoint on disk is kept" in err
     assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 2  # the first epoch's
 
 
@@ -633,21 +635,21 @@ def test_a_read_only_out_dir_is_found_before_the_first_step(tmp_path, capsys):
 
 def test_resume_with_another_batch_size_trains_the_epochs_left(tmp_path):
     out = str(tmp_path / "run")
-    assert run_dogo(*TINY, "--batch-size", "16", "--epochs", "2", "--out-dir", out).returncode == 0
+    dogo.main([*TINY, "--batch-size", "16", "--epochs", "2", "--out-dir", out])
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 4  # 2 epochs of 2 steps
-    resumed = run_dogo("--resume", os.path.join(out, "checkpoint.pt"), "--batch-size", "32", "--epochs", "4")
-    assert resumed.returncode == 0, resumed.stderr
+    dogo.main(["--resume", os.path.join(out, "checkpoint.pt"), "--batch-size", "32", "--epochs", "4"])
     ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert (ckpt["step"], ckpt["epoch"], ckpt["images"]) == (6, 4, 0)  # 2 more epochs of 1 step of 32
 
 
 @pytest.mark.parametrize("flags,cause", [(["--lr", "1e30"], "--lr"), (["--temperature", "1e-45"], "raise --temperature")])
-def test_the_nan_guard_never_leaves_a_useless_checkpoint(tmp_path, flags, cause):
+def test_the_nan_guard_never_leaves_a_useless_checkpoint(tmp_path, capsys, flags, cause):
     """One step per epoch: a save follows every update, the one that ruins the weights included."""
     out = str(tmp_path / "run")
-    result = run_dogo(*TINY, "--batch-size", "32", "--epochs", "3", "--out-dir", out, *flags)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and cause in result.stderr
+    with pytest.raises(SystemExit) as stop:
+        dogo.main([*TINY, "--batch-size", "32", "--epochs", "3", "--out-dir", out, *flags])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1 and "finite" in err and cause in err, err
     if os.path.exists(os.path.join(out, "checkpoint.pt")):  # whatever was saved still computes
         ckpt = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
         student, _ = dogo.build_networks(dogo.config_from_checkpoint(ckpt))
@@ -655,7 +657,7 @@ def test_the_nan_guard_never_leaves_a_useless_checkpoint(tmp_path, flags, cause)
         assert torch.isfinite(student.eval().encoder(torch.rand(4, 3, 8, 8))).all()
 
 
-def test_a_second_run_on_the_same_out_dir_names_the_first(tmp_path):
+def test_a_second_run_on_the_same_out_dir_names_the_first(tmp_path, capsys):
     out = tmp_path / "run"
     first = subprocess.Popen([sys.executable, os.path.join(HERE, "dogo.py"), *TINY, "--max-steps", "1000",
                               "--out-dir", str(out)], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -663,9 +665,10 @@ def test_a_second_run_on_the_same_out_dir_names_the_first(tmp_path):
         deadline = time.time() + 120
         while not (out / "run.lock").exists() and time.time() < deadline:
             time.sleep(0.2)
-        second = run_dogo(*TINY, "--max-steps", "1", "--out-dir", str(out))
-        assert second.returncode == 2 and f"in use by another run (process {first.pid}" in second.stderr
-        assert len(second.stderr.strip().splitlines()) == 1
+        with pytest.raises(SystemExit) as second:
+            dogo.main([*TINY, "--max-steps", "1", "--out-dir", str(out)])
+        err = capsys.readouterr().err
+        assert second.value.code == 2 and err.count("\n") == 1 and f"in use by another run (process {first.pid}" in err
     finally:
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=120)
@@ -673,8 +676,8 @@ def test_a_second_run_on_the_same_out_dir_names_the_first(tmp_path):
     # A lock left by a run that no longer exists is stale: the next run takes the folder over.
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / "run.lock").write_text(ended.stdout.strip())
-    taken_over = run_dogo(*TINY, "--max-steps", "1", "--out-dir", str(out))
-    assert taken_over.returncode == 0 and not (out / "run.lock").exists(), taken_over.stderr
+    dogo.main([*TINY, "--max-steps", "1", "--out-dir", str(out)])
+    assert not (out / "run.lock").exists()
 
 
 def test_ctrl_c_outside_the_loop_says_so_in_one_line(monkeypatch, capsys):

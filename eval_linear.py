@@ -66,8 +66,14 @@ class EvalConfig:
     label_fraction: float = flag(1.0, "share of the labelled training images kept, stratified "
                                       "by class (the paper: 0.01 and 0.1)")
     label_noise: float = flag(0.0, "share of the kept training labels changed to a wrong class")
-    noise_type: str = flag("symmetric", "symmetric: to any other class; asymmetric: to a similar "
-                                        "one (CIFAR-10's standard pairs, class c -> c+1 elsewhere)",
+    noise_type: str = flag("symmetric", "symmetric: exactly round(R x N) of the N labels move, each "
+                                        "to one of the other C - 1 classes (the other common "
+                                        "convention, a uniform draw over all C classes with the "
+                                        "true one included, changes only R x (C - 1) / C of them); "
+                                        "asymmetric: exactly round(R x n_c) of each class c move to "
+                                        "a similar class: CIFAR-10's standard pairs, on CIFAR-100 "
+                                        "the next class of the same superclass, on other datasets "
+                                        "class c -> c + 1 (mod C), which is no similarity at all",
                            ("symmetric", "asymmetric"))
     val_fraction: float = flag(0.15, "share of the kept training images held out to choose the "
                                      "epoch (linear, finetune); 0.15 as in the authors' code")
@@ -113,6 +119,37 @@ def check_args(cfg):
 # similar-looking one. truck -> automobile, bird -> airplane, deer -> horse, cat <-> dog.
 CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 
+# CIFAR-100's 20 superclasses of 5 classes each (Krizhevsky 2009), by fine-class name.
+CIFAR100_SUPERCLASSES = {
+    "aquatic mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
+    "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
+    "flowers": ("orchid", "poppy", "rose", "sunflower", "tulip"),
+    "food containers": ("bottle", "bowl", "can", "cup", "plate"),
+    "fruit and vegetables": ("apple", "mushroom", "orange", "pear", "sweet_pepper"),
+    "household electrical devices": ("clock", "keyboard", "lamp", "telephone", "television"),
+    "household furniture": ("bed", "chair", "couch", "table", "wardrobe"),
+    "insects": ("bee", "beetle", "butterfly", "caterpillar", "cockroach"),
+    "large carnivores": ("bear", "leopard", "lion", "tiger", "wolf"),
+    "large man-made outdoor things": ("bridge", "castle", "house", "road", "skyscraper"),
+    "large natural outdoor scenes": ("cloud", "forest", "mountain", "plain", "sea"),
+    "large omnivores and herbivores": ("camel", "cattle", "chimpanzee", "elephant", "kangaroo"),
+    "medium-sized mammals": ("fox", "porcupine", "possum", "raccoon", "skunk"),
+    "non-insect invertebrates": ("crab", "lobster", "snail", "spider", "worm"),
+    "people": ("baby", "boy", "girl", "man", "woman"),
+    "reptiles": ("crocodile", "dinosaur", "lizard", "snake", "turtle"),
+    "small mammals": ("hamster", "mouse", "rabbit", "shrew", "squirrel"),
+    "trees": ("maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"),
+    "vehicles 1": ("bicycle", "bus", "motorcycle", "pickup_truck", "train"),
+    "vehicles 2": ("lawn_mower", "rocket", "streetcar", "tank", "tractor"),
+}
+# Class index = position in the alphabetical list of the 100 names, as in torchvision's CIFAR100.
+CIFAR100_CLASSES = tuple(sorted(name for names in CIFAR100_SUPERCLASSES.values() for name in names))
+# Standard asymmetric noise on CIFAR-100: each class to the next of its superclass, the fifth back
+# to the first (beaver -> dolphin -> otter -> seal -> whale -> beaver).
+CIFAR100_ASYMMETRIC = {CIFAR100_CLASSES.index(names[i]): CIFAR100_CLASSES.index(names[(i + 1) % len(names)])
+                       for names in CIFAR100_SUPERCLASSES.values() for i in range(len(names))}
+ASYMMETRIC_NOISE = {"cifar10": CIFAR10_ASYMMETRIC, "cifar100": CIFAR100_ASYMMETRIC}  # else c -> c+1
+
 
 def _as_numpy(labels):
     if isinstance(labels, torch.Tensor):
@@ -137,10 +174,13 @@ def corrupt_labels(labels, rate, num_classes, kind, seed):
     """A noisy copy of `labels` (an int64 NumPy array; the input is left alone), seeded.
 
     kind 'symmetric': exactly round(rate * N) labels, chosen uniformly, each move to one of the
-    other num_classes - 1 classes, drawn uniformly. kind 'asymmetric': in every class c, exactly
-    round(rate * n_c) labels move to class (c + 1) mod num_classes. kind may also be a dict
-    {class: class}, such as CIFAR10_ASYMMETRIC: the same per-class rule for the classes it maps,
-    the other classes are left clean."""
+    other C - 1 classes (C = num_classes), drawn uniformly: the share changed is `rate`. The other
+    common convention draws a new label uniformly over all C classes, the true one included, so
+    that its effective rate is rate * (C - 1) / C (its 0.8 on CIFAR-10 changes 72% of the labels,
+    which is 0.72 here). kind 'asymmetric': in every class c, exactly round(rate * n_c) labels move
+    to class (c + 1) mod C. kind may also be a dict {class: class}, such as CIFAR10_ASYMMETRIC or
+    CIFAR100_ASYMMETRIC: the same per-class rule for the classes it maps, the other classes are
+    left clean."""
     labels = _as_numpy(labels)
     if not 0 <= rate < 1:
         raise ValueError(f"rate must be in [0, 1), got {rate}")
@@ -503,8 +543,9 @@ def training_labels(labels, num_classes, dataset, cfg):
     kept = subsample_labels(labels, cfg.label_fraction, cfg.seed)
     if cfg.label_noise == 0:
         return kept, labels[kept], 0
-    cifar10_pairs = cfg.noise_type == "asymmetric" and dataset == "cifar10"
-    kind = CIFAR10_ASYMMETRIC if cifar10_pairs else cfg.noise_type
+    kind = cfg.noise_type
+    if kind == "asymmetric":
+        kind = ASYMMETRIC_NOISE.get(dataset, kind)  # CIFAR's similar classes, else c -> c + 1
     noisy = corrupt_labels(labels[kept], cfg.label_noise, num_classes, kind, cfg.seed + 1)
     return kept, noisy, int((noisy != labels[kept]).sum())
 

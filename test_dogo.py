@@ -1160,6 +1160,44 @@ def test_eval_asymmetric_noise_elsewhere_moves_class_c_to_c_plus_1():
             eval_linear.corrupt_labels(labels % classes, rate, classes, kind, seed=0)
 
 
+def test_eval_cifar100_asymmetric_noise_cycles_within_each_superclass():
+    classes = eval_linear.CIFAR100_CLASSES
+    # torchvision's CIFAR100 numbers the classes alphabetically
+    assert classes[:10] == ("apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle",
+                            "bicycle", "bottle")
+    assert (classes[46], classes[47], classes[99]) == ("man", "maple_tree", "worm") and len(set(classes)) == 100
+    superclass = {name: group for group, names in eval_linear.CIFAR100_SUPERCLASSES.items() for name in names}
+    assert len(eval_linear.CIFAR100_SUPERCLASSES) == 20 and len(superclass) == 100
+    flip = eval_linear.CIFAR100_ASYMMETRIC
+    by_name = {classes[s]: classes[t] for s, t in flip.items()}
+    assert by_name["beaver"] == "dolphin" and by_name["whale"] == "beaver"
+    assert by_name["woman"] == "baby" and by_name["tractor"] == "lawn_mower"
+    assert sorted(flip) == list(range(100)) and sorted(flip.values()) == list(range(100))
+    for name in classes:
+        cycle, at = [name], by_name[name]
+        while at != name:
+            assert superclass[at] == superclass[name], (name, at)
+            cycle.append(at)
+            at = by_name[at]
+        assert sorted(cycle) == sorted(eval_linear.CIFAR100_SUPERCLASSES[superclass[name]])  # a 5-cycle
+    labels = np.random.default_rng(1).permutation(np.repeat(np.arange(100), np.arange(100) % 7 + 3))
+    noisy = eval_linear.corrupt_labels(labels, 0.4, 100, flip, seed=2)
+    for c in range(100):
+        moved = noisy[labels == c][noisy[labels == c] != c]
+        assert len(moved) == round(0.4 * (labels == c).sum()) and set(moved) <= {flip[c]}, c
+
+
+def test_eval_asymmetric_noise_is_chosen_by_dataset(monkeypatch):
+    cfg = eval_linear.EvalConfig(checkpoint="random", label_noise=0.4, noise_type="asymmetric")
+    kinds = []
+    corrupt = eval_linear.corrupt_labels
+    monkeypatch.setattr(eval_linear, "corrupt_labels", lambda *a: kinds.append(a[3]) or corrupt(*a))
+    labels = np.repeat(np.arange(100), 10)
+    for dataset, classes in (("cifar10", 10), ("cifar100", 100), ("stl10", 10)):
+        eval_linear.training_labels(labels % classes, classes, dataset, cfg)
+    assert kinds == [eval_linear.CIFAR10_ASYMMETRIC, eval_linear.CIFAR100_ASYMMETRIC, "asymmetric"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Classifiers against loops
 # ------------------------------------------------------------------------------------------------

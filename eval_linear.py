@@ -384,8 +384,8 @@ def standardise(x_fit, *others):
 @contextlib.contextmanager
 def one_thread_on_cpu(device):
     """Run the block on one CPU thread. A linear classifier's products are too small to gain from
-    more, and on a busy machine each one waits for the slowest thread: 20 epochs on 8,500 features
-    of 512 took 15 s with two threads on two busy cores, 0.9 s with one."""
+    more, and on a busy machine each one waits for the slowest thread: on 42,500 features of 512
+    at batch 64, 10 epochs took 54 s with two threads on two busy cores, 100 epochs 19 s with one."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
@@ -395,31 +395,89 @@ def one_thread_on_cpu(device):
         torch.set_num_threads(threads)
 
 
-def train_linear(x_fit, y_fit, x_val, y_val, num_classes, epochs, lr, seed, batch_size):
-    """A linear classifier on fixed feature vectors (N, D), trained with Adam and cross-entropy.
-    Returns it at its best epoch, chosen on (x_val, y_val), and that BestEpoch."""
+@torch.no_grad()
+def train_linear(x_fit, y_fit, x_val, y_val, num_classes, epochs, lr, seed, batch_size,
+                 weight_decay=0.0):
+    r"""A linear classifier on fixed feature vectors (N, D), trained with Adam on the mean
+    cross-entropy of mini-batches. Returns it at its best epoch, chosen on (x_val, y_val) (a tie
+    goes to the later epoch; with no validation set, the last), that epoch, and its validation
+    top-1 in percent (None without a validation set).
+
+    It computes what this plain loop would, with the same seed and batch order, in a fraction of
+    its time (no autograd, no optimiser object, no DataLoader, and nothing that makes the host
+    wait for a GPU but the ten progress lines, so the GPU never waits for Python):
+
+        torch.manual_seed(seed)
+        classifier = nn.Linear(D, num_classes)
+        optimizer = torch.optim.Adam(classifier.parameters(), lr, weight_decay=weight_decay)
+        order = torch.Generator().manual_seed(seed)
+        for epoch in range(epochs):
+            for batch in torch.randperm(N, generator=order).split(batch_size):
+                loss = F.cross_entropy(classifier(x_fit[batch]), y_fit[batch])
+                optimizer.zero_grad(); loss.backward(); optimizer.step()
+
+    The gradient, written out: with p = softmax(x W^T + b) and one-hot targets Y of a batch of B,
+
+    .. math::
+        \nabla_W = \frac{1}{B} (p - Y)^\top x + \lambda W, \qquad
+        \nabla_b = \frac{1}{B} (p - Y)^\top \mathbf{1} + \lambda b
+
+    (lambda: weight_decay, the L2 term that torch.optim.Adam adds to the gradient of weight and
+    bias), and Adam's step as Kingma & Ba (2015, Algorithm 1 and the remark after it) write it:
+    theta -= lr sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps sqrt(1 - beta2^t)),
+    which is torch.optim.Adam's update with one pass over the parameters fewer."""
+    device, (n, d) = x_fit.device, x_fit.shape
     torch.manual_seed(seed)
-    classifier = nn.Linear(x_fit.shape[1], num_classes).to(x_fit.device)
-    # Only the classifier's weight and bias train: the features are plain tensors, with no
-    # graph that leads back to the encoder.
-    optimizer = torch.optim.Adam(classifier.parameters(), lr=lr)
-    order, best = torch.Generator().manual_seed(seed), BestEpoch()
+    classifier = nn.Linear(d, num_classes).to(device)  # PyTorch's initialisation, as in the loop
+    # theta = [W | b] (C, D+1) and features with a column of ones: x W^T + b = [x, 1] theta^T, so
+    # weight and bias share each operation below.
+    theta = torch.cat([classifier.weight, classifier.bias[:, None]], dim=1)         # (C, D+1)
+    theta_t = theta.T                                    # a view: it follows theta's updates
+    x_fit, x_val = (torch.cat([x, x.new_ones(len(x), 1)], dim=1) for x in (x_fit, x_val))
+    targets = F.one_hot(y_fit, num_classes).to(x_fit.dtype)                         # (N, C)
+    grad, m, v = torch.zeros_like(theta), torch.zeros_like(theta), torch.zeros_like(theta)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8                 # torch.optim.Adam's defaults
+    x_epoch, targets_epoch = torch.empty_like(x_fit), torch.empty_like(targets)
+    best_theta, best_epoch = theta.clone(), torch.tensor(epochs, device=device)
+    best_correct = torch.tensor(-1, device=device)
+    order, t, start, every = torch.Generator().manual_seed(seed), 0, time.time(), max(1, epochs // 10)
     for epoch in range(1, epochs + 1):
-        losses = []
-        for batch in torch.randperm(len(y_fit), generator=order).split(batch_size):
-            loss = F.cross_entropy(classifier(x_fit[batch]), y_fit[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        with torch.no_grad():
-            val = topk_accuracy(classifier(x_val), y_val, 1) if len(y_val) else None
-        best.update(epoch, val, classifier)
-        if epoch % max(1, epochs // 10) == 0 or epoch == epochs:
-            print(f"linear epoch {epoch}/{epochs} | loss {np.mean(losses):.4f}"
-                  + (f" | validation top-1 {val:.2f}%" if val is not None else ""), flush=True)
-    best.restore(classifier)
-    return classifier, best
+        # The epoch's order is drawn on the CPU (the same on every device) and applied to the
+        # whole set at once; a batch is then a slice, a view without a copy. Pinned memory lets
+        # the copy to a GPU start without waiting for the previous epoch to finish there.
+        permutation = torch.randperm(n, generator=order)
+        if device.type == "cuda":
+            permutation = permutation.pin_memory()
+        permutation = permutation.to(device, non_blocking=True)
+        torch.index_select(x_fit, 0, permutation, out=x_epoch)                      # (N, D+1)
+        torch.index_select(targets, 0, permutation, out=targets_epoch)              # (N, C)
+        for i in range(0, n, batch_size):
+            x, y = x_epoch[i:i + batch_size], targets_epoch[i:i + batch_size]       # (B, D+1), (B, C)
+            error = torch.mm(x, theta_t).softmax(dim=1).sub_(y)                     # (B, C): p - Y
+            torch.addmm(theta, error.T, x, beta=weight_decay, alpha=1 / len(x), out=grad)
+            t += 1
+            m.lerp_(grad, 1 - beta1)                                                # Adam's moments
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            root = math.sqrt(1 - beta2 ** t)
+            theta.addcdiv_(m, v.sqrt().add_(eps * root), value=-lr * root / (1 - beta1 ** t))
+        if len(y_val):  # kept on the device: whether this epoch is the best is a tensor too
+            correct = (torch.mm(x_val, theta_t).argmax(dim=1) == y_val).sum()
+            better = correct >= best_correct
+            best_theta = torch.where(better, theta, best_theta)
+            best_epoch = torch.where(better, epoch, best_epoch)
+            best_correct = torch.maximum(correct, best_correct)
+        if epoch % every == 0 or epoch == epochs:  # the only waits on the device: ten in a run
+            loss = F.cross_entropy(torch.mm(x_fit, theta_t), y_fit).item()
+            speed = epoch * n / (time.time() - start)
+            print(f"linear epoch {epoch}/{epochs} | loss {loss:.4f} on the training features"
+                  + (f" | validation top-1 {100 * correct.item() / len(y_val):.2f}%" if len(y_val) else "")
+                  + f" | {speed:,.0f} features/s", flush=True)
+    if not len(y_val):
+        best_theta = theta
+    classifier.weight.copy_(best_theta[:, :d])
+    classifier.bias.copy_(best_theta[:, d])
+    val_top1 = 100 * best_correct.item() / len(y_val) if len(y_val) else None
+    return classifier, int(best_epoch), val_top1
 
 
 def linear_accuracy(train_features, train_labels, test_features, test_labels, num_classes,
@@ -434,12 +492,12 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, nu
     fit, val = split_validation(y_train, val_fraction, seed)
     x_fit, x_val, x_test = standardise(train_features[fit], train_features[val], test_features)
     with one_thread_on_cpu(device):
-        classifier, best = train_linear(x_fit, y_train[fit], x_val, y_train[val], num_classes,
-                                        epochs, lr, seed, batch_size)
+        classifier, best_epoch, val_top1 = train_linear(x_fit, y_train[fit], x_val, y_train[val],
+                                                        num_classes, epochs, lr, seed, batch_size)
     with torch.no_grad():
         scores = classifier(x_test)
-    return {**accuracies(scores, y_test, num_classes), "best_epoch": best.epoch,
-            "val_top1": best.accuracy, "train_images": len(fit), "val_images": len(val)}
+    return {**accuracies(scores, y_test, num_classes), "best_epoch": best_epoch,
+            "val_top1": val_top1, "train_images": len(fit), "val_images": len(val)}
 
 
 @torch.no_grad()

@@ -1226,6 +1226,51 @@ def test_eval_topk_accuracy_matches_a_loop():
         assert eval_linear.topk_accuracy(scores, labels, k) == pytest.approx(100.0 * hits / 200)
 
 
+def _eval_noisy_blobs(seed):
+    """Five classes in 64 dimensions, 30% of the 200 training labels random: (x, y) to fit on,
+    to validate on and to test on."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(5, 64, generator=g)
+    y = torch.arange(360) % 5
+    x = 0.7 * centres[y] + torch.randn(360, 64, generator=g) + 1.5
+    noisy = torch.where(torch.rand(360, generator=g) < 0.3, torch.randint(0, 5, (360,), generator=g), y)
+    return (x[:200], noisy[:200]), (x[200:260], y[200:260]), (x[260:], y[260:])
+
+
+def test_eval_fast_linear_training_matches_a_plain_loop(capsys):
+    """train_linear against nn.Linear + torch.optim.Adam + autograd over the same batches."""
+    (x, y), (x_val, y_val), (x_test, y_test) = _eval_noisy_blobs(0)
+    chosen, ties = [], []
+    # the authors' settings; a strong weight decay; a run whose best validation score comes twice
+    for lr, weight_decay, batch_size in ((3e-4, 1e-6, 64), (3e-2, 0.05, 37), (3e-3, 1e-6, 64)):
+        torch.manual_seed(1)
+        reference = torch.nn.Linear(64, 5)
+        optimizer = torch.optim.Adam(reference.parameters(), lr=lr, weight_decay=weight_decay)
+        order, best, scores = torch.Generator().manual_seed(1), None, []
+        for epoch in range(1, 31):
+            for batch in torch.randperm(200, generator=order).split(batch_size):  # 200 = 3 x 64 + 8
+                loss = F.cross_entropy(reference(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                correct = int((reference(x_val).argmax(1) == y_val).sum())
+            scores.append(correct)
+            if best is None or correct >= best[0]:  # a tie goes to the later epoch
+                best = (correct, epoch, reference.weight.detach().clone(), reference.bias.detach().clone())
+        ties.append(scores.count(best[0]) > 1)
+        classifier, epoch, val_top1 = eval_linear.train_linear(x, y, x_val, y_val, 5, 30, lr, 1,
+                                                               batch_size, weight_decay)
+        assert (epoch, val_top1) == (best[1], pytest.approx(100 * best[0] / 60))
+        assert (classifier.weight - best[2]).abs().max() < 1e-5
+        assert (classifier.bias - best[3]).abs().max() < 1e-5
+        with torch.no_grad():  # the same test predictions, so the same accuracy
+            assert torch.equal(classifier(x_test).argmax(1), (x_test @ best[2].T + best[3]).argmax(1))
+        chosen.append(epoch)
+    assert chosen[1] < 30 and ties[2]  # the choice of the epoch, and of the later of two, is tested
+    assert "linear epoch 30/30" in capsys.readouterr().out
+
+
 def test_eval_linear_accuracy_separates_blobs_and_standardises_with_training_statistics():
     g = torch.Generator().manual_seed(2)
     centres = torch.randn(3, 16, generator=g) * 4

@@ -1306,6 +1306,44 @@ def test_eval_asymmetric_noise_elsewhere_moves_class_c_to_c_plus_1():
             eval_linear.corrupt_labels(labels % classes, rate, classes, kind, seed=0)
 
 
+def test_eval_cifar100_asymmetric_noise_cycles_within_each_superclass():
+    classes = eval_linear.CIFAR100_CLASSES
+    # torchvision's CIFAR100 numbers the classes alphabetically
+    assert classes[:10] == ("apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle",
+                            "bicycle", "bottle")
+    assert (classes[46], classes[47], classes[99]) == ("man", "maple_tree", "worm") and len(set(classes)) == 100
+    superclass = {name: group for group, names in eval_linear.CIFAR100_SUPERCLASSES.items() for name in names}
+    assert len(eval_linear.CIFAR100_SUPERCLASSES) == 20 and len(superclass) == 100
+    flip = eval_linear.CIFAR100_ASYMMETRIC
+    by_name = {classes[s]: classes[t] for s, t in flip.items()}
+    assert by_name["beaver"] == "dolphin" and by_name["whale"] == "beaver"
+    assert by_name["woman"] == "baby" and by_name["tractor"] == "lawn_mower"
+    assert sorted(flip) == list(range(100)) and sorted(flip.values()) == list(range(100))
+    for name in classes:
+        cycle, at = [name], by_name[name]
+        while at != name:
+            assert superclass[at] == superclass[name], (name, at)
+            cycle.append(at)
+            at = by_name[at]
+        assert sorted(cycle) == sorted(eval_linear.CIFAR100_SUPERCLASSES[superclass[name]])  # a 5-cycle
+    labels = np.random.default_rng(1).permutation(np.repeat(np.arange(100), np.arange(100) % 7 + 3))
+    noisy = eval_linear.corrupt_labels(labels, 0.4, 100, flip, seed=2)
+    for c in range(100):
+        moved = noisy[labels == c][noisy[labels == c] != c]
+        assert len(moved) == round(0.4 * (labels == c).sum()) and set(moved) <= {flip[c]}, c
+
+
+def test_eval_asymmetric_noise_is_chosen_by_dataset(monkeypatch):
+    cfg = eval_linear.EvalConfig(checkpoint="random", label_noise=0.4, noise_type="asymmetric")
+    kinds = []
+    corrupt = eval_linear.corrupt_labels
+    monkeypatch.setattr(eval_linear, "corrupt_labels", lambda *a: kinds.append(a[3]) or corrupt(*a))
+    labels = np.repeat(np.arange(100), 10)
+    for dataset, classes in (("cifar10", 10), ("cifar100", 100), ("stl10", 10)):
+        eval_linear.training_labels(labels % classes, classes, dataset, cfg)
+    assert kinds == [eval_linear.CIFAR10_ASYMMETRIC, eval_linear.CIFAR100_ASYMMETRIC, "asymmetric"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Classifiers against loops
 # ------------------------------------------------------------------------------------------------
@@ -1334,23 +1372,95 @@ def test_eval_topk_accuracy_matches_a_loop():
         assert eval_linear.topk_accuracy(scores, labels, k) == pytest.approx(100.0 * hits / 200)
 
 
-def test_eval_linear_accuracy_separates_blobs_and_standardises_with_training_statistics():
+def _eval_noisy_blobs(seed):
+    """Five classes in 64 dimensions, 30% of the 200 training labels random: (x, y) to fit on,
+    to validate on and to test on."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(5, 64, generator=g)
+    y = torch.arange(360) % 5
+    x = 0.7 * centres[y] + torch.randn(360, 64, generator=g) + 1.5
+    noisy = torch.where(torch.rand(360, generator=g) < 0.3, torch.randint(0, 5, (360,), generator=g), y)
+    return (x[:200], noisy[:200]), (x[200:260], y[200:260]), (x[260:], y[260:])
+
+
+def test_eval_fast_linear_training_matches_a_plain_loop(capsys):
+    """train_linear against nn.Linear + torch.optim.Adam + autograd over the same batches."""
+    (x, y), (x_val, y_val), (x_test, y_test) = _eval_noisy_blobs(0)
+    chosen, ties = [], []
+    # the authors' settings; a strong weight decay; a run whose best validation score comes twice
+    for lr, weight_decay, batch_size in ((3e-4, 1e-6, 64), (3e-2, 0.05, 37), (3e-3, 1e-6, 64)):
+        torch.manual_seed(1)
+        reference = torch.nn.Linear(64, 5)
+        optimizer = torch.optim.Adam(reference.parameters(), lr=lr, weight_decay=weight_decay)
+        order, best, scores = torch.Generator().manual_seed(1), None, []
+        for epoch in range(1, 31):
+            for batch in torch.randperm(200, generator=order).split(batch_size):  # 200 = 3 x 64 + 8
+                loss = F.cross_entropy(reference(x[batch]), y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            with torch.no_grad():
+                correct = int((reference(x_val).argmax(1) == y_val).sum())
+            scores.append(correct)
+            if best is None or correct >= best[0]:  # a tie goes to the later epoch
+                best = (correct, epoch, reference.weight.detach().clone(), reference.bias.detach().clone())
+        ties.append(scores.count(best[0]) > 1)
+        classifier, epoch, val_top1 = eval_linear.train_linear(x, y, x_val, y_val, 5, 30, lr, 1,
+                                                               batch_size, weight_decay)
+        assert (epoch, val_top1) == (best[1], pytest.approx(100 * best[0] / 60))
+        assert (classifier.weight - best[2]).abs().max() < 1e-5
+        assert (classifier.bias - best[3]).abs().max() < 1e-5
+        with torch.no_grad():  # the same test predictions, so the same accuracy
+            assert torch.equal(classifier(x_test).argmax(1), (x_test @ best[2].T + best[3]).argmax(1))
+        chosen.append(epoch)
+    assert chosen[1] < 30 and ties[2]  # the choice of the epoch, and of the later of two, is tested
+    assert "linear epoch 30/30" in capsys.readouterr().out
+
+
+def test_eval_linear_defaults_are_the_authors_protocol(monkeypatch):
+    cfg = eval_linear.EvalConfig(checkpoint="random")
+    assert (cfg.protocol, cfg.lr, cfg.weight_decay, cfg.epochs, cfg.val_fraction, cfg.standardise) == (
+        "linear", 3e-4, 1e-6, 100, 0.15, False)
+    assert eval_linear.with_protocol_defaults(cfg).batch_size == 64
+    finetune = eval_linear.with_protocol_defaults(eval_linear.EvalConfig(protocol="finetune"))
+    assert (finetune.batch_size, finetune.lr) == (256, 3e-4)
+    assert eval_linear.with_protocol_defaults(eval_linear.EvalConfig(batch_size=32)).batch_size == 32
+
+    calls, train = [], eval_linear.train_linear
+    monkeypatch.setattr(eval_linear, "train_linear", lambda *a: calls.append(a) or train(*a))
+    (x, y), _, (x_test, y_test) = _eval_noisy_blobs(1)
+    result = eval_linear.linear_accuracy(x, y, x_test, y_test, 5, epochs=2)
+    x_fit, y_fit, x_val, y_val, classes, epochs, lr, seed, batch_size, weight_decay = calls[0]
+    assert (lr, weight_decay, batch_size, epochs, classes) == (3e-4, 1e-6, 64, 2, 5)
+    fit, val = eval_linear.split_validation(y, 0.15, seed)
+    assert (result["train_images"], result["val_images"]) == (len(fit), len(val))
+    assert len(fit) + len(val) == 200 and abs(len(val) - 30) <= 2  # 15%, rounded per class
+    assert torch.equal(x_fit, x[fit]) and torch.equal(x_val, x[val])  # raw features
+    assert torch.equal(y_fit, y[fit]) and torch.equal(y_val, y[val])
+
+    eval_linear.linear_accuracy(x, y, x_test, y_test, 5, epochs=2, standardise_features=True)
+    x_fit, x_val = calls[1][0], calls[1][2]
+    assert torch.allclose(x_fit.mean(0), torch.zeros(64), atol=1e-5)
+    assert torch.allclose(x_fit.std(0), torch.ones(64), atol=1e-5)
+    assert torch.allclose(x_val, (x[val] - x[fit].mean(0)) / x[fit].std(0), atol=1e-5)  # fit's statistics
+
+
+def test_eval_linear_accuracy_separates_blobs_raw_or_standardised():
     g = torch.Generator().manual_seed(2)
     centres = torch.randn(3, 16, generator=g) * 4
 
-    def blobs(n):
+    def blobs(n, offset, scale):
         y = torch.arange(n) % 3
-        return 1000 + 50 * (centres[y] + torch.randn(n, 16, generator=g)), y  # far from 0, wide
+        return offset + scale * (centres[y] + torch.randn(n, 16, generator=g)), y
 
-    (x, y), (x_test, y_test) = blobs(300), blobs(90)
-    result = eval_linear.linear_accuracy(x, y, x_test, y_test, 3, epochs=10, seed=0, batch_size=32)
-    assert result["top1"] >= 95 and result["top5"] is None
-    assert result["train_images"] + result["val_images"] == 300 and 1 <= result["best_epoch"] <= 10
-    assert result == eval_linear.linear_accuracy(x, y, x_test, y_test, 3, epochs=10, seed=0, batch_size=32)
-    fit, other = eval_linear.standardise(x[:200], x[200:])
-    assert torch.allclose(fit.mean(0), torch.zeros(16), atol=1e-3)
-    assert torch.allclose(fit.std(0), torch.ones(16), atol=1e-3)
-    assert torch.allclose(other, (x[200:] - x[:200].mean(0)) / x[:200].std(0), atol=1e-3)
+    # 100 epochs of 4 steps: at lr 3e-4, 10 epochs leave the raw blobs at chance
+    for offset, scale, standardise in ((0.0, 1.0, False), (1000.0, 50.0, True)):  # far from 0 and wide
+        (x, y), (x_test, y_test) = blobs(300, offset, scale), blobs(90, offset, scale)
+        result = eval_linear.linear_accuracy(x, y, x_test, y_test, 3, seed=0, standardise_features=standardise)
+        assert result["top1"] >= 95 and result["top5"] is None, (offset, result)
+        assert result["train_images"] + result["val_images"] == 300 and 1 <= result["best_epoch"] <= 100
+        assert result == eval_linear.linear_accuracy(x, y, x_test, y_test, 3, seed=0,
+                                                     standardise_features=standardise)
 
 
 def test_eval_extraction_leaves_batchnorm_alone_and_the_check_catches_a_change():
@@ -1385,9 +1495,16 @@ def test_eval_linear_beats_chance_leaves_the_encoder_alone_and_caches(_eval_chec
     monkeypatch.setattr(eval_linear, "load_encoder", load_and_keep)
     flags = ["--checkpoint", checkpoint, "--synthetic-size", "600", "--epochs", "30",
              "--workers", "0", "--device", "cpu"]
+    trained, train = [], eval_linear.train_linear
+    monkeypatch.setattr(eval_linear, "train_linear", lambda *a: trained.append(a) or train(*a))
     first = eval_linear.main(flags)
     assert first["top1"] >= 18, first  # chance is 10%: 18% of 150 test images has p < 1e-3
     assert (first["train_images"], first["val_images"], first["test_images"]) == (510, 90, 150)
+    # the authors' probe unless told otherwise: what the line records is what trained
+    assert (first["lr"], first["weight_decay"], first["batch_size"], first["standardise"]) == (
+        3e-4, 1e-6, 64, False)
+    assert [trained[0][i] for i in (5, 6, 8, 9)] == [30, 3e-4, 64, 1e-6]  # epochs, lr, batch, decay
+    assert trained[0][0].min() >= 0  # raw features: the encoder's ReLU outputs, not standardised
     assert first["features_cached"] is False and first["dataset"] == "synthetic"
     saved = torch.load(checkpoint, weights_only=True)["student"]
     after = encoders[0].state_dict()
@@ -1493,6 +1610,10 @@ def _eval_bad_inputs(checkpoint, tmp_path):
         (random + ["--label-fraction", "1.5"], "--label-fraction must be above 0 and at most 1"),
         (random + ["--label-noise", "1"], "--label-noise must be at least 0 and below 1"),
         (random + ["--label-noise", "-0.1"], "--label-noise must be at least 0"),
+        (random + ["--lr", "0"], "--lr must be a positive number"),
+        (random + ["--weight-decay", "-0.1"], "--weight-decay must be 0 or more"),
+        (random + ["--batch-size", "-64"], "--batch-size must be 0 or more"),
+        (random + ["--protocol", "finetune", "--batch-size", "1"], "--batch-size must be at least 2"),
         (random + ["--dataset", "imagefolder", "--data-dir", one_class, "--label-noise", "0.2",
                    "--noise-type", "asymmetric"], "--label-noise needs two classes or more"),
         (random + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "empty")],

@@ -28,6 +28,7 @@ File layout: config, labels (few and noisy), encoder, features, the three protoc
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -341,11 +342,9 @@ def cached_features(encoder, splits, cfg, info, device):
     if cfg.checkpoint != "random":  # an untrained encoder is not worth keeping
         stat = os.stat(cfg.checkpoint)
         path = f"{os.path.splitext(cfg.checkpoint)[0]}.{cfg.network}.{info['dataset']}.features.pt"
-        synthetic = info["dataset"] == "synthetic"  # made in memory: its size is all its data
         key = dict(checkpoint=os.path.abspath(cfg.checkpoint), modified_ns=stat.st_mtime_ns,
                    bytes=stat.st_size, step=info["step"], network=cfg.network,
-                   dataset=info["dataset"], img_size=info["img_size"],
-                   data=info["synthetic_size"] if synthetic else os.path.abspath(info["data_dir"]))
+                   dataset=info["dataset"], img_size=info["img_size"], data=data_fingerprint(splits, info))
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # none yet, or unreadable (an interrupted copy, say): extract again
@@ -361,6 +360,7 @@ def cached_features(encoder, splits, cfg, info, device):
         print(f"features of the {name} split ({len(data)} images)", flush=True)
         features[name] = extract_features(encoder, LabelledImages.whole(data, transform), device,
                                           EXTRACT_BATCH, cfg.workers)
+        require_finite(features[name][0], f"the {name} features", cfg)
     if path:
         try:  # temporary file, then rename: a crash never leaves half a cache behind
             torch.save({"key": key, "features": features}, path + ".tmp")
@@ -368,6 +368,49 @@ def cached_features(encoder, splits, cfg, info, device):
         except OSError as err:
             print(f"note: cannot keep the features in {path} ({err.strerror}); they are not cached")
     return features, False
+
+
+def align_classes(train, test):
+    """Number the test split's classes as the training split does, by name: two image folders each number
+    their own sorted classes, so a class missing from one would shift every label after it. A test class
+    that training lacks is an error; a training class without test images, a warning."""
+    if not hasattr(test, "class_to_idx"):  # CIFAR, STL-10, synthetic: one fixed list of classes
+        return
+    unknown = sorted(set(test.classes) - set(train.classes))
+    if unknown:
+        raise UsageError(f"the test split has classes that the training split lacks: {', '.join(unknown)}; "
+                         f"remove them from the test folder, or add them to train/")
+    missing = sorted(set(train.classes) - set(test.classes))
+    if missing:
+        print(f"warning: no test images of the classes {', '.join(missing)}; they are scored on the others")
+    number = [train.class_to_idx[name] for name in test.classes]  # test's index -> training's
+    test.samples = test.imgs = [(path, number[label]) for path, label in test.samples]
+    test.targets = [label for _, label in test.samples]
+    test.classes, test.class_to_idx = train.classes, train.class_to_idx
+
+
+def data_fingerprint(splits, info):
+    """What cached features depend on in the data: the synthetic set's size; for image folders a hash of
+    every file's path, label, size and modification time, so that any change extracts again; else the
+    folder the dataset was downloaded to."""
+    if info["dataset"] == "synthetic":
+        return info["synthetic_size"]
+    if not all(hasattr(data, "samples") for data in splits.values()):
+        return os.path.abspath(info["data_dir"])
+    digest = hashlib.sha256()
+    for name, data in splits.items():
+        for path, label in data.samples:
+            stat = os.stat(path)
+            digest.update(f"{name}/{os.path.relpath(path, info['data_dir'])}:{label}:{stat.st_size}:"
+                          f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def require_finite(values, what, cfg):
+    """Refuse to score non-finite features or outputs: a figure made from them would mean nothing."""
+    if not torch.isfinite(values).all():
+        raise UsageError(f"{what} of --checkpoint {cfg.checkpoint} are not finite (its weights are broken); "
+                         f"evaluate an earlier checkpoint, or train again with a lower --lr")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -631,9 +674,8 @@ def results_path(cfg):
 def training_labels(labels, num_classes, dataset, cfg):
     """The labelled training set that --label-fraction and --label-noise leave: (indices of the
     kept images, their labels, how many of those are wrong). Test labels stay clean."""
-    if cfg.label_noise > 0 and num_classes < 2:
-        raise UsageError(f"--label-noise needs two classes or more to make a label wrong; "
-                         f"{dataset} has {num_classes}")
+    if num_classes < 2:  # a classifier has nothing to tell apart: 100% would mean nothing
+        raise UsageError(f"{dataset} has {num_classes} class: evaluation needs two classes or more")
     kept = subsample_labels(labels, cfg.label_fraction, cfg.seed)
     if cfg.label_noise == 0:
         return kept, labels[kept], 0
@@ -695,6 +737,7 @@ def finetune_protocol(encoder, splits, kept, labels, num_classes, cfg, info, dev
     model, best = finetune(encoder, info["feature_dim"], fit_set, val_set, num_classes, cfg,
                            cfg.lr, device)
     scores, y_test = predict(model, LabelledImages.whole(splits["test"], transform), cfg, device)
+    require_finite(scores, "the fine-tuned network's test scores", cfg)
     return {**accuracies(scores, y_test, num_classes), "best_epoch": best.epoch,
             "val_top1": best.accuracy, "train_images": len(fit), "val_images": len(val),
             "test_images": len(y_test), "feature_seconds": None, "features_cached": False,
@@ -713,6 +756,7 @@ def evaluate(cfg):
                 synthetic_size=cfg.synthetic_size or info["synthetic_size"])
     splits = {s: dogo.load_dataset(info["dataset"], info["data_dir"], s, info["synthetic_size"],
                                    info["img_size"]) for s in ("train", "test")}
+    align_classes(splits["train"], splits["test"])
     all_labels = dataset_labels(splits["train"])
     num_classes = len(getattr(splits["train"], "classes", [])) or int(all_labels.max()) + 1
     kept, labels, wrong = training_labels(all_labels, num_classes, info["dataset"], cfg)

@@ -1615,12 +1615,71 @@ def _eval_bad_inputs(checkpoint, tmp_path):
         (random + ["--batch-size", "-64"], "--batch-size must be 0 or more"),
         (random + ["--protocol", "finetune", "--batch-size", "1"], "--batch-size must be at least 2"),
         (random + ["--dataset", "imagefolder", "--data-dir", one_class, "--label-noise", "0.2",
-                   "--noise-type", "asymmetric"], "--label-noise needs two classes or more"),
+                   "--noise-type", "asymmetric"], "has 1 class: evaluation needs two classes or more"),
+        (random + ["--dataset", "imagefolder", "--data-dir", one_class, "--protocol", "knn"], "needs two classes"),
         (random + ["--dataset", "imagefolder", "--data-dir", str(tmp_path / "empty")],
          "cannot load imagefolder"),
         (random + ["--protocol", "best"], "invalid choice: 'best'"),
         (["--checkpoint", checkpoint, "--arch", "resnet50"], "differs from the checkpoint's"),
     ]
+
+
+def _striped_folder(root, split_classes, per_class=6):
+    """root/SPLIT/NAME/i.png, 40 px stripes whose period depends on the class name alone."""
+    period = {"wide": 10, "mid": 5, "narrow": 2}
+    rng = np.random.default_rng(0)
+    for split, classes in split_classes.items():
+        for name in classes:
+            os.makedirs(os.path.join(root, split, name))
+            for i in range(per_class):
+                stripes = (np.arange(40) // period[name]) % 2 * 200 + rng.integers(0, 50)
+                pixels = np.repeat(np.tile(stripes, (40, 1))[:, :, None], 3, axis=2).astype(np.uint8)
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.png"))
+    return str(root)
+
+
+def test_eval_labels_follow_the_class_names_of_the_training_split(tmp_path, capsys):
+    data = _striped_folder(tmp_path / "data", {"train": ("mid", "narrow", "wide"), "test": ("narrow", "wide")})
+    train, test = (dogo.load_dataset("imagefolder", data, split) for split in ("train", "test"))
+    eval_linear.align_classes(train, test)
+    assert [train.classes[label] for _, label in test.samples] == [
+        os.path.basename(os.path.dirname(path)) for path, _ in test.samples]  # not test/'s own numbering
+    random = ["--checkpoint", "random", "--arch", "wrn10_2", "--img-size", "16", "--dataset", "imagefolder",
+              "--protocol", "knn", "--workers", "0", "--device", "cpu", "--results", str(tmp_path / "r.jsonl")]
+    line = eval_linear.main(random + ["--data-dir", data])
+    assert "warning: no test images of the classes mid" in capsys.readouterr().out
+    assert line["top1"] >= 75  # 11 of 12 here; labels shifted by one class score about 0%
+    extra = _striped_folder(tmp_path / "extra", {"train": ("narrow", "wide"), "test": ("mid", "narrow", "wide")})
+    with pytest.raises(SystemExit) as stop:
+        eval_linear.main(random + ["--data-dir", extra])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "classes that the training split lacks: mid" in err
+
+
+def test_eval_cached_features_follow_the_folder_s_content(_eval_checkpoint, tmp_path, capsys):
+    data = _striped_folder(tmp_path / "data", {"train": ("narrow", "wide"), "test": ("narrow", "wide")}, 3)
+    flags = ["--checkpoint", _eval_own_copy(_eval_checkpoint, tmp_path / "run"), "--dataset", "imagefolder",
+             "--data-dir", data, "--protocol", "knn", "--workers", "0", "--device", "cpu"]
+    reused = []
+    for change in (None, None, "an image replaced", None):
+        if change:  # the same name, other pixels: the path alone would not show it
+            Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(os.path.join(data, "test", "wide", "0.png"))
+        eval_linear.main(flags)
+        reused.append("features: reusing" in capsys.readouterr().out)
+    assert reused == [False, True, False, True]
+
+
+def test_eval_non_finite_features_are_an_error_not_a_figure(_eval_checkpoint, tmp_path, capsys):
+    ckpt = torch.load(_eval_checkpoint, weights_only=True)
+    first = next(k for k in ckpt["student"] if k.endswith("weight"))
+    ckpt["student"][first] = torch.full_like(ckpt["student"][first], float("nan"))
+    torch.save(ckpt, tmp_path / "broken.pt")
+    with pytest.raises(SystemExit) as stop:
+        eval_linear.main(["--checkpoint", str(tmp_path / "broken.pt"), "--protocol", "knn", "--workers", "0",
+                          "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "not finite" in err
+    assert not os.path.exists(tmp_path / "results.jsonl")  # no figure recorded
 
 
 def test_eval_bad_inputs_end_with_one_line_and_exit_code_2(_eval_checkpoint, tmp_path, capsys):

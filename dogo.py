@@ -964,9 +964,8 @@ def color_jitter_grayscale(x, jitter=JITTER, p_jitter=P_JITTER, p_gray=P_GRAY, g
         ref = torch.where(op == 0, 0.0, torch.where(op == 1, gray.mean((2, 3), keepdim=True), gray))
         f = factors.gather(1, order[:, step:step + 1]).view(B, 1, 1, 1)
         new = torch.lerp(ref, out, f).clamp(0, 1)  # f * out + (1 - f) * ref, clamped as in torchvision
-        is_hue = order[:, step] == 3  # hue is costly: shift just these images (a GPU sync, but cheaper)
-        new[is_hue] = _shift_hue(out[is_hue], hue[is_hue])
-        out = new
+        # Every image's hue shifted, then kept where it is hue's turn: indexing just those would wait for the GPU.
+        out = torch.where(op == 3, _shift_hue(out, hue), new)
     out = torch.where(uniform(x, generator, B, 1, 1, 1) < p_jitter, out, x)
     return torch.where(uniform(x, generator, B, 1, 1, 1) < p_gray, _gray(out).expand_as(out), out)
 

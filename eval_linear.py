@@ -55,7 +55,7 @@ class EvalConfig:
     # what to evaluate
     checkpoint: str = flag("", "checkpoint.pt written by dogo.py, or 'random': an untrained "
                                "encoder, the floor that every self-supervised result must beat")
-    network: str = flag("student", "the checkpoint's --arch network, or its peer", ("student", "peer"))
+    network: str = flag("student", "the checkpoint's student (its --arch network), or its peer", ("student", "peer"))
     arch: str = flag("", "architecture for --checkpoint random ('' = resnet18); a checkpoint "
                          "names its own", ("",) + dogo.ARCHS)
     img_size: int = flag(0, "input size for --checkpoint random (0 = the dataset's own); a "

@@ -663,6 +663,9 @@ class EpochOrder(DistributedSampler):
     def __iter__(self):
         return iter(list(super().__iter__())[self.skip:])
 
+    def __len__(self):
+        return super().__len__() - self.skip
+
 
 def seed_of(cfg, rank, step):
     """A seed of its own for each process and each start of a run (a resumed run draws anew)."""

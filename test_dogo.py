@@ -7,7 +7,6 @@ import inspect
 import json
 import math
 import os
-import re
 import signal
 import socket
 import subprocess

@@ -14,8 +14,9 @@ Usage:
     python dogo.py --arch resnet18 --peer none          # the baseline: the student alone
     python dogo.py --dataset synthetic --arch wrn10_2 --peer wrn10_2 --img-size 16   # offline, on any CPU
     python dogo.py --resume runs/cifar10_resnet18_resnet50/checkpoint.pt --epochs 400
+    python dogo.py --resume auto ...                    # the same command each time a cluster requeues the job
     torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each
-    python dogo.py --benchmark --batch-size 64          # where the time of a step goes
+    python dogo.py --dataset synthetic --synthetic-size 50000 --max-steps 100   # the speed of a set-up
 
 Outputs in --out-dir: metrics.csv, losses.png, checkpoint.pt; evaluate with eval_linear.py.
 """
@@ -24,13 +25,12 @@ import contextlib
 import csv
 import dataclasses
 import functools
-import json
+import hashlib
+import io
 import math
 import os
-import resource
 import signal
 import sys
-import tempfile
 import time
 from collections import namedtuple
 
@@ -48,7 +48,10 @@ from torchvision.transforms import v2
 ARCHS = ("resnet18", "resnet34", "resnet50", "wrn10_2", "wrn16_2", "wrn16_4", "wrn16_8", "wrn28_2",
          "mobilenetv2", "shufflenetv2")
 OBJECTIVES = ("simclr", "simsiam")
-FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim")
+# A resume keeps these (they define the networks, the data, and what a step and an epoch's position mean)...
+FIXED_ON_RESUME = ("arch", "peer", "objective", "peer_objective", "dataset", "img_size", "proj_dim", "batch_size",
+                   "synthetic_size")
+MACHINE = ("device", "workers", "amp", "gpu_augment", "sync_bn", "compile")  # ...and resolves these anew at each start
 OUTPUTS = ("checkpoint.pt", "metrics.csv", "losses.png")  # what a run writes in --out-dir
 DatasetInfo = namedtuple("DatasetInfo", "img_size mean std")  # native resolution; what normalises its images
 DATASETS = {"cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -84,17 +87,19 @@ class Config:
                             "the authors' 100 with their N*N reduction at batch 256")
     peer_kd_weight: float = flag(0.00390625, "weight of the peer's KL term; 1/256: the authors' 1 at batch 256")
     proj_dim: int = flag(128, "size of SimCLR's projection, which the losses see")
-    workers: int = flag(min(8, os.cpu_count() or 1), "loader processes (cores, up to 8); 0 = the main process")
+    workers: int = flag(None, "loader processes; default: this process's share of the cores, up to 8; 0 = none")
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for initialisation, data order and augmentations")
     out_dir: str = flag("", "where outputs go; '' = runs/DATASET_ARCH_PEER, or the --resume checkpoint's folder")
-    resume: str = flag("", "checkpoint.pt to continue; flags given override its config, except networks and data")
+    resume: str = flag("", "checkpoint.pt to continue, or auto: --out-dir's if it has one, else a new run; flags "
+                           "given override its config, except networks, data and batch")
     log_every: int = flag(50, "steps between progress lines and rows of metrics.csv")
-    amp: bool = flag(None, "bfloat16 autocast for the networks, not the losses (default: only with CUDA)")
+    knn_every: int = flag(1, "epochs between kNN top-1 figures of both networks on the test split, and at the end; 0 = off")
+    knn_images: int = flag(10000, "labelled training images in the kNN bank: class-stratified, the same each time")
+    amp: bool = flag(None, "bfloat16 autocast for the networks, not the losses; default: on GPUs with native bfloat16")
     compile: bool = flag(False, "torch.compile the networks: a slow first step, faster later ones")
-    sync_bn: bool = flag(False, "under torchrun on GPUs: BatchNorm statistics over the global batch")
-    gpu_augment: bool = flag(False, "augment batches on the device, not images in the loader (for fast GPUs)")
-    benchmark: bool = flag(False, "instead of training, time a few steps at these settings on synthetic data")
+    sync_bn: bool = flag(None, "under torchrun, BatchNorm over the global batch; default: on with GPUs, which it needs")
+    gpu_augment: bool = flag(None, "augment batches on the device, all views in one call; default: on with CUDA")
 
 
 def require(cfg, name, ok, what):
@@ -108,12 +113,14 @@ def check_config(cfg):
     """Refuse the numbers that cannot work (argparse checks types and choices); nan and inf fail every check."""
     for name in ("lr", "temperature", "kd_temperature"):  # float32 weights: larger values overflow
         require(cfg, name, lambda v: 0 < v <= torch.finfo(torch.float32).max, "a positive float32 number")
-    for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "workers"):
+    for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "knn_every", "knn_images"):
         require(cfg, name, lambda v: 0 <= v < math.inf, "0 or more")
     for name in ("epochs", "proj_dim", "log_every"):
         require(cfg, name, lambda v: v >= 1, "at least 1")
     require(cfg, "batch_size", lambda v: v >= 2, "at least 2 (NT-Xent needs a negative)")
     require(cfg, "synthetic_size", lambda v: v >= 10, "at least 10")
+    require(cfg, "workers", lambda v: v is None or v >= 0, "0 or more")
+    return cfg
 
 
 # ---- Data and augmentations --------------------------------------------------------------------
@@ -335,7 +342,7 @@ def simsiam_loss(p1, p2, z1, z2):
 
 # ---- The training step -------------------------------------------------------------------------
 class NonFiniteLoss(Exception):
-    """A loss became NaN or infinite: the run stops before that step changes any weight."""
+    """A loss or the weights became NaN or infinite: the run stops without saving them."""
 
 
 def ssl_loss(net, x1, x2, temperature, amp=False):
@@ -356,7 +363,8 @@ def ssl_loss(net, x1, x2, temperature, amp=False):
 
 
 def train_step(student, peer, optimizers, views, cfg):
-    """One DoGo step on views (B, 4 or 2, C, H, W): 0-1 the student's, 2-3 the peer's -> loss terms as floats."""
+    """One DoGo step on views (B, 4 or 2, C, H, W): 0-1 the student's, 2-3 the peer's -> its loss terms as device
+    tensors: reading a value would make the host wait for the device, so the loop reads them once an interval."""
     amp = views.is_cuda if cfg.amp is None else cfg.amp
     ssl, (s1, s2) = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
     terms, loss = {"ssl": ssl}, ssl
@@ -366,90 +374,15 @@ def train_step(student, peer, optimizers, views, cfg):
         terms["ssl_peer"] = ssl_peer
         terms["kl_peer"] = dogo_kl(q1, q2, s1, s2, cfg.kd_temperature)  # and the peer from the student
         loss = loss + cfg.kd_weight * terms["kl"] + ssl_peer + cfg.peer_kd_weight * terms["kl_peer"]
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()))
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     loss.backward()  # dogo_kl detaches its target: each network gets exactly the gradient of its own loss
     for opt in optimizers:
         opt.step()
-    return {k: v.item() for k, v in terms.items()}
+    return {k: v.detach() for k, v in terms.items()}
 
 
 # ---- The training loop and its checkpoints -----------------------------------------------------
-def save_checkpoint(path, cfg, step, student, peer, optimizers, epoch=0, images=0):
-    """Atomically (temporary file, then rename), only tensors and plain values: loads with weights_only=True.
-    epoch: epochs completed; images: those of the next epoch already trained (a resume may change the batch)."""
-    state = dict(config=dataclasses.asdict(cfg), step=step, epoch=epoch, images=images,
-                 student=student.state_dict(), student_opt=optimizers[0].state_dict(),
-                 peer=peer.state_dict() if peer else None, peer_opt=optimizers[1].state_dict() if peer else None,
-                 rng_cpu=torch.get_rng_state(),  # the augmentations draw from it
-                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-    try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except OSError as err:  # a full disk, say: the temporary file would keep the space the next save needs
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        raise UsageError(f"cannot save {path} ({err.strerror or err}); the previous checkpoint is left as "
-                         f"it was: free some space, or resume it with another --out-dir") from None
-
-
-def load_checkpoint(path, flag="--resume"):
-    """A checkpoint written by save_checkpoint, read without executing any code it may hold."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag} {path}: no such file; give the checkpoint.pt that dogo.py wrote")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UsageError(f"{flag} {path}: cannot be read as a checkpoint ({type(err).__name__}); "
-                         f"give a checkpoint.pt that dogo.py wrote") from None
-    if not isinstance(ckpt, dict) or not {"config", "step", "student", "peer"} <= ckpt.keys():
-        raise UsageError(f"{flag} {path}: not a dogo.py checkpoint (missing its config or networks)")
-    return ckpt
-
-
-def config_from_checkpoint(ckpt):
-    """The Config a checkpoint was trained with (fields unknown to this version are dropped)."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in ckpt["config"].items() if k in known})
-
-
-def resolve_config(cfg, given=frozenset()):
-    """(the config to run, the checkpoint to resume or None). `given`: the command line's flags, which with
-    --resume override the checkpoint's config, except FIXED_ON_RESUME (networks, data), which must agree."""
-    check_config(cfg)
-    cfg = dataclasses.replace(cfg, img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
-    ckpt = load_checkpoint(cfg.resume) if cfg.resume else None
-    if ckpt is not None:
-        saved = config_from_checkpoint(ckpt)
-        for name in FIXED_ON_RESUME:
-            if name in given and getattr(cfg, name) != getattr(saved, name):
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the "
-                                 f"checkpoint's {getattr(saved, name)}; drop the flag to resume, "
-                                 f"or start a new run without --resume")
-        cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in given if k not in FIXED_ON_RESUME})
-        if "out_dir" not in given:
-            cfg.out_dir = os.path.dirname(os.path.abspath(cfg.resume))
-    cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
-    return cfg, ckpt
-
-
-def restore(ckpt, student, peer, optimizers, cfg, device):
-    """Load the networks, their optimisers and the RNG state from a checkpoint -> (step, epoch, images)."""
-    if (ckpt["peer"] is None) != (peer is None):
-        raise UsageError(f"--resume {cfg.resume}: its peer does not match --peer {cfg.peer}")
-    for net, opt, name in zip((student, peer), optimizers, ("student", "peer")):
-        net.load_state_dict(ckpt[name])
-        opt.load_state_dict(ckpt[name + "_opt"])
-        for group in opt.param_groups:  # a --lr given now wins over the saved one
-            group["lr"] = cfg.lr
-    torch.set_rng_state(ckpt["rng_cpu"])
-    if device.type == "cuda" and ckpt["rng_cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    return ckpt["step"], ckpt["epoch"], ckpt.get("images", 0)
-
-
 def networks_on(device, cfg):
     """[student, peer or None] on the device, from cfg.seed: the same initial weights in every process."""
     torch.manual_seed(cfg.seed)
@@ -473,57 +406,54 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     data = training_set(load_dataset(cfg.dataset, cfg.data_dir, "ssl", cfg.synthetic_size, cfg.img_size), cfg)
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training images; use a smaller one")
+        raise UsageError(f"--batch-size {cfg.batch_size} exceeds the {len(data)} training images; use a smaller one"
+                         if data else f"the {cfg.dataset} training split in --data-dir {cfg.data_dir} has no images")
     student, peer = networks_on(device, cfg)
     optimizers = build_optimizers([student, peer], cfg)
-    step, epoch, done = restore(ckpt, student, peer, optimizers, cfg, device) if ckpt else (0, 0, 0)
-    # Position in images, not steps: a resumed run may use another --batch-size.
-    left = (cfg.epochs - epoch) * steps_per_epoch - (done // cfg.batch_size if epoch < cfg.epochs else 0)
-    total_steps = min(step + max(left, 0), cfg.max_steps or math.inf)
+    step = restore(ckpt, student, peer, optimizers, cfg, device) if ckpt else 0
+    total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     run_student, run_peer = (runner(net, cfg, device, world) for net in (student, peer))
     if rank:  # other augmentations in each process (the weights stay in step through DDP)
         torch.manual_seed(seed_of(cfg, rank, step))
     loader = make_loader(data, cfg, device, rank, world, step)
+    monitor = KnnMonitor.of(cfg, device) if rank == 0 else None  # the others wait meanwhile
     say = print if rank == 0 else lambda *args, **kwargs: None
     ckpt_path, csv_path, png_path = (os.path.join(cfg.out_dir, name) for name in OUTPUTS)
     where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
-    say(f"DoGo: {cfg.arch} + peer {cfg.peer} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch "
-        f"{cfg.batch_size}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, {where}, out-dir "
-        f"{cfg.out_dir}", flush=True)
+    say(f"DoGo: {describe(cfg)} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch {cfg.batch_size}, "
+        f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, {where}, out-dir {cfg.out_dir}", flush=True)
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
-    with claim_out_dir(cfg.out_dir) if rank == 0 else contextlib.nullcontext(), StopOnCtrlC(rank > 0) as ctrl_c:
-        log, stop, views = Progress(csv_path, cfg, step, total_steps), False, None
-        while epoch < cfg.epochs and step < total_steps and not stop:
-            loader.sampler.start(epoch, skip=done // world)
-            for batch, _ in loader:
+    with claim_out_dir(cfg.out_dir, cfg.resume) if rank == 0 else contextlib.nullcontext(), \
+            StopOnSignal(quiet=rank > 0) as signals:
+        log, start, stop = Progress(csv_path, cfg, step, total_steps, steps_per_epoch, device, rank), step, False
+        while step < total_steps and not stop:
+            loader.sampler.start(step // steps_per_epoch, skip=step % steps_per_epoch * cfg.batch_size // world)
+            for batch, _ in log.timed(loader):
                 views = to_views(batch, cfg, device)
-                try:
-                    terms = train_step(run_student, run_peer, optimizers, views, cfg)
-                except NonFiniteLoss as err:  # the checkpoint on disk is the last good state
-                    raise NonFiniteLoss(f"loss is not finite at step {step + 1} ({err}); stopped before updating "
-                                        f"the weights or the checkpoint; {likely_cause(cfg)}") from None
-                log.interval.append(terms)
-                step, done = step + 1, done + cfg.batch_size
-                stop = ctrl_c.anywhere(device)
-                if rank == 0 and (step % cfg.log_every == 0 or step == total_steps or stop):
-                    log.write(epoch + 1, step)
-                if step == total_steps or stop:
+                log.interval.append(train_step(run_student, run_peer, optimizers, views, cfg))
+                step += 1
+                # An interval ends at every --log-every steps, at this start's first step (its time holds the
+                # warm-up), at each save and on a stop request: a single process stops after this step, several
+                # processes agree at the interval, where they already wait for each other.
+                if (step % cfg.log_every == 0 or step % steps_per_epoch == 0 or step in (start + 1, total_steps)
+                        or (world == 1 and signals.requested)):
+                    stop = log.write(step, signals.requested)  # the interval's one read of device values
+                if stop or step % steps_per_epoch == 0 or step == total_steps:
                     break
-            else:  # the epoch ran to its end
-                epoch, done = epoch + 1, 0
-            if len(data) - done < cfg.batch_size:  # the run's last step ended an epoch
-                epoch, done = epoch + 1, 0
-            if rank == 0:  # end of an epoch, of the run, or Ctrl-C
-                if views is not None:
+            if rank == 0:  # the end of an epoch or of the run, or a stop request
+                with log.paused():  # saves and the kNN monitor count in neither the speed nor the data wait
+                    if monitor and not stop and (step == total_steps or step % (cfg.knn_every * steps_per_epoch) == 0):
+                        log.record(monitor([student, peer]))
                     check_outputs([student, peer], views, cfg, step)
-                save_checkpoint(ckpt_path, cfg, step, student, peer, optimizers, epoch, done)
-                plot_losses(log.rows, png_path)
+                    save_checkpoint(ckpt_path, cfg, step, student, peer, optimizers)
+                    plot_losses(log.rows, png_path, cfg)
     if stop:
-        say(f"interrupted at step {step}: saved {ckpt_path}; continue with python dogo.py --resume {ckpt_path}")
-        sys.exit(130)
-    say(f"done: {ckpt_path}, {csv_path}, {png_path}")
+        say(f"stopped by {signals.name} at step {step}: saved {ckpt_path}; continue with python dogo.py --resume "
+            f"{ckpt_path}")
+        sys.exit(128 + signals.signum)
+    say(f"done: {ckpt_path}, {csv_path}, {png_path}; {log.steady()}")
     return student, peer
 
 
@@ -545,25 +475,27 @@ def check_outputs(networks, views, cfg, step):
 
 
 def main(argv=None):
-    """The command line: train, or --benchmark. Errors the user can fix: one line, exit 2."""
+    """The command line. Errors the user can fix: one line, exit 2; a stop by a signal: exit 128 + its number."""
+    cfg = None
     try:
+        for s in (signal.SIGTERM, signal.SIGHUP):  # outside the loop, these stop at once, like a first Ctrl-C
+            signal.signal(s, stop_at_once)
         cfg, given = parse_flags(Config, argv, "dogo.py", __doc__.splitlines()[0])
         cfg, ckpt = resolve_config(cfg, given)
         rank, world, device = init_distributed(cfg)
+        cfg = resolve_machine(cfg, device, world)
         torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed sizes: cuDNN picks its kernels once
-        if cfg.benchmark:
-            benchmark(cfg, rank, world, device)
-        else:
-            train(cfg, ckpt, rank, world, device)
+        train(cfg, ckpt, rank, world, device)
     except (UsageError, NonFiniteLoss, OSError) as err:  # OSError: a file that failed mid-run (an image, the disk)
-        if int(os.environ.get("RANK", 0)):  # torchrun stops all processes when the first one
-            time.sleep(5)                   # ends: let process 0 say it, once, when all agree
-        kept = "; the last checkpoint on disk is kept" if isinstance(err, OSError) else ""
-        print(f"dogo.py: error: {str(err).strip().splitlines()[-1]}{kept}", file=sys.stderr)  # a worker's: last
+        if int(os.environ.get("RANK", 0) or 0):  # torchrun stops all processes when the first one
+            time.sleep(5)                         # ends: let process 0 say it, once, when all agree
+        kept = kept_checkpoint(cfg) if isinstance(err, OSError) else ""
+        print(f"dogo.py: error: {last_line(err)}{kept}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLoss) else 2)
-    except KeyboardInterrupt:  # the first Ctrl-C saves and exits in train; this is a second one, or an early one
-        print("dogo.py: stopped by Ctrl-C without saving; the last checkpoint on disk is kept", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # a second stop request in the loop, or one outside it
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"dogo.py: stopped by {signal.Signals(signum).name} without saving{kept_checkpoint(cfg)}", file=sys.stderr)
+        sys.exit(128 + signum)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -595,6 +527,151 @@ def parse_flags(config_class, argv=None, prog="dogo.py", description=None):
     return config_class(**given), set(given)
 
 
+# ---- Checkpoints: written whole or not at all, checked completely before anything uses them -----
+@contextlib.contextmanager
+def atomic_file(path):
+    """A binary file to write that replaces `path` only once it is whole. A write that fails, whatever raises it
+    (torch reports a full disk as RuntimeError), keeps the previous file, leaves no temporary one, ends in one line."""
+    try:
+        with open(path + ".tmp", "wb") as f:
+            yield f
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
+        raise UsageError(f"cannot save {path} ({reason}); the previous one is left as it was: "
+                         f"free some space, or give another folder") from None
+
+
+def ran_on(device):
+    """What a checkpoint or a result line records of the machine: the versions and the device."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return dict(torch=str(torch.__version__), torchvision=torchvision.__version__, device=name)
+
+
+def save_checkpoint(path, cfg, step, student, peer, optimizers):
+    """Only tensors and plain values, so that it loads with weights_only=True; the config is the one that ran."""
+    state = dict(config=dataclasses.asdict(cfg), step=step, ran_on=ran_on(torch.device(cfg.device)),
+                 student=student.state_dict(), student_opt=optimizers[0].state_dict(),
+                 peer=peer.state_dict() if peer else None, peer_opt=optimizers[1].state_dict() if peer else None,
+                 rng_cpu=torch.get_rng_state(),  # the augmentations draw from it
+                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    with atomic_file(path) as f:
+        torch.save(state, f)
+
+
+def load_checkpoint(path, flag="--resume", resume=True):
+    """(checkpoint, its Config, SHA-256 of the bytes read) of a file that save_checkpoint wrote, read once without
+    executing any code it may hold, and checked for all its caller needs: its config's types and values, every
+    weight's shape against the network it will load into, with resume the optimiser and RNG states too."""
+    def refuse(problem):
+        return UsageError(f"{flag} {path}: {problem}; give a checkpoint.pt that dogo.py wrote")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise refuse(f"cannot be read ({err.strerror or err})") from None
+    except Exception as err:
+        raise refuse(f"not a checkpoint ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+        raise refuse("not a dogo.py checkpoint (it has no config)")
+    if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
+        raise refuse(f"its step is {ckpt.get('step')!r}, not a number of steps")
+    cfg = config_from_checkpoint(ckpt, refuse)
+    with torch.device("meta"):  # shapes without memory or time
+        networks = dict(zip(("student", "peer"), build_networks(cfg)))
+    for name, net in networks.items():
+        if (net is None) != (ckpt.get(name) is None):
+            raise refuse(f"its {name} weights {'are missing' if net else 'are there'}, its config says --peer {cfg.peer}")
+        if net is not None:
+            check_tensors(ckpt[name], net.state_dict(), f"its {name} weights do not fit a {net.arch}", refuse)
+        if net is not None and resume:
+            check_adam(ckpt.get(name + "_opt"), list(net.parameters()), f"its {name} optimiser state", refuse)
+    if resume and not isinstance(ckpt.get("rng_cpu"), torch.Tensor):
+        raise refuse("it has no random number generator state to resume with")
+    return ckpt, cfg, hashlib.sha256(data).hexdigest()
+
+
+def check_tensors(saved, expected, what, refuse):
+    """Refuse unless saved ({name: tensor}) has exactly expected's names and shapes."""
+    if not isinstance(saved, dict) or saved.keys() != expected.keys():
+        raise refuse(f"{what} (other tensor names)")
+    for key, tensor in expected.items():
+        if not isinstance(saved[key], torch.Tensor) or saved[key].shape != tensor.shape:
+            got = tuple(saved[key].shape) if isinstance(saved[key], torch.Tensor) else type(saved[key]).__name__
+            raise refuse(f"{what}: {key} is {got}, not {tuple(tensor.shape)}")
+
+
+def check_adam(saved, params, what, refuse):
+    """Refuse unless saved is an Adam state_dict of one group over exactly these parameters."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and groups[0].get("params") == list(range(len(params))) and isinstance(saved.get("state"), dict)):
+        raise refuse(f"{what} is missing or not that of its network's parameters")
+    for i, state in saved["state"].items():
+        shapes = [state.get(k).shape for k in ("exp_avg", "exp_avg_sq") if isinstance(state, dict)
+                  and isinstance(state.get(k), torch.Tensor)] if i in range(len(params)) else []
+        if shapes != [params[i].shape] * 2:
+            raise refuse(f"{what} does not fit parameter {i}")
+
+
+def config_from_checkpoint(ckpt, refuse):
+    """The Config a checkpoint was trained with, each value checked for its field's type and bounds (fields unknown
+    to this version are dropped, fields it lacks take their defaults)."""
+    fields, values = {f.name: f for f in dataclasses.fields(Config)}, {}
+    for name, value in ckpt["config"].items():
+        f = fields.get(name)
+        if f is None:
+            continue
+        kinds = (int, float) if f.type is float else f.type  # an int is a float too, a bool is no int
+        fits = (value is None and f.default is None) or (isinstance(value, kinds) and
+                                                          (f.type is bool or not isinstance(value, bool)))
+        if not fits or (f.metadata["choices"] and value not in f.metadata["choices"]):
+            raise refuse(f"its config has {name} = {value!r}")
+        values[name] = value
+    try:
+        return check_config(Config(**values))
+    except UsageError as err:
+        raise refuse(f"its config: {err}") from None
+
+
+def resolve_config(cfg, given=frozenset()):
+    """(the config to run, the checkpoint to resume or None). `given`: the command line's flags, which with
+    --resume override the checkpoint's config, except FIXED_ON_RESUME, which must agree; MACHINE is never taken
+    from the checkpoint. The out-dir is the checkpoint's folder unless --out-dir says otherwise."""
+    cfg = dataclasses.replace(check_config(cfg), img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
+    default_out_dir = os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
+    if cfg.resume == "auto":  # the same command starts a run, then continues it each time a job is requeued
+        auto = os.path.join(cfg.out_dir or default_out_dir, "checkpoint.pt")
+        cfg.resume = auto if os.path.exists(auto) else ""
+    if not cfg.resume:
+        return dataclasses.replace(cfg, out_dir=cfg.out_dir or default_out_dir), None
+    ckpt, saved, _ = load_checkpoint(cfg.resume)
+    for name in FIXED_ON_RESUME:
+        if name in given and getattr(cfg, name) != getattr(saved, name):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
+                             f"{getattr(saved, name)}; drop the flag to resume, or start a new run without --resume")
+    kept = {k: getattr(cfg, k) for k in set(given) | set(MACHINE) | {"resume"} if k not in FIXED_ON_RESUME}
+    cfg = dataclasses.replace(saved, **kept)
+    cfg.out_dir = cfg.out_dir if "out_dir" in given else os.path.dirname(os.path.abspath(cfg.resume))
+    return cfg, ckpt
+
+
+def restore(ckpt, student, peer, optimizers, cfg, device):
+    """Load the networks, their optimisers (with this run's --lr and --weight-decay) and the RNG state -> step."""
+    for net, opt, name in zip((student, peer), optimizers, ("student", "peer")):
+        net.load_state_dict(ckpt[name])
+        opt.load_state_dict(ckpt[name + "_opt"])
+        for group in opt.param_groups:  # the flags given now, so that the config saved is what ran
+            group.update(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if device.type == "cuda" and ckpt.get("rng_cuda"):
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    return ckpt["step"]
+
+
 # ---- Devices and processes (torchrun) ----------------------------------------------------------
 def pick_device(name):
     """'auto' means CUDA when there is a GPU, else CPU."""
@@ -613,6 +690,10 @@ def init_distributed(cfg):
     device = pick_device(cfg.device)
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, device
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if missing or not os.environ["WORLD_SIZE"].isdigit():
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set, but not {missing[0] if missing else 'a count'}"
+                         f" as torchrun sets it; start the processes with torchrun, or unset WORLD_SIZE")
     world = int(os.environ["WORLD_SIZE"])
     if cfg.batch_size % world:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
@@ -624,6 +705,17 @@ def init_distributed(cfg):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
+
+
+def resolve_machine(cfg, device, world):
+    """cfg with MACHINE's settings resolved for this start, as the checkpoint will record them: a run started on a
+    GPU resumes on a laptop. Loader workers share the cores between the processes of this machine."""
+    cuda, share = device.type == "cuda", (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    default = dict(workers=min(8, max(share, 1)), gpu_augment=cuda, sync_bn=cuda and world > 1,
+                   # bfloat16 only where the GPU computes it natively (a T4 emulates it, slower than float32)
+                   amp=cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+    return dataclasses.replace(cfg, device=str(device),
+                               **{k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in default.items()})
 
 
 class GatherRows(torch.autograd.Function):
@@ -679,49 +771,85 @@ def make_loader(data, cfg, device, rank=0, world=1, step=0):
                       num_workers=cfg.workers, persistent_workers=cfg.workers > 0,  # no start-up per epoch
                       pin_memory=device.type == "cuda",  # page-locked: copies to the GPU overlap compute
                       generator=torch.Generator().manual_seed(seed_of(cfg, rank, step)),
-                      worker_init_fn=ignore_ctrl_c)
+                      worker_init_fn=ignore_stop_signals)
 
 
-# ---- Ctrl-C, the output folder, the metrics log and its plot -----------------------------------
-def ignore_ctrl_c(worker_id):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+# ---- Stop requests: Ctrl-C, and the signals of schedulers and closed terminals -----------------
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGTERM: what a scheduler sends before it kills
 
 
-class StopOnCtrlC:
-    """First Ctrl-C: stop after this step and save; a second one aborts. quiet: no message (ranks > 0)."""
+def ignore_stop_signals(worker_id):
+    for s in STOP_SIGNALS:  # loader workers: the main process handles them
+        signal.signal(s, signal.SIG_IGN)
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop request that could not wait for the end of a step; signum: the signal."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_at_once(signum, _):
+    raise Stopped(signum)
+
+
+class StopOnSignal:
+    """A first stop request (STOP_SIGNALS) is noted, for the loop to save and stop; a second one aborts at once.
+    quiet: no message (processes other than 0)."""
 
     def __init__(self, quiet=False):
-        self.quiet, self.requested = quiet, False
+        self.quiet, self.signum = quiet, 0
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         return self
 
-    def _handle(self, *_):
-        self.requested = True
+    def _handle(self, signum, _):
+        self.signum = signum
         if not self.quiet:
-            print("\nCtrl-C: saving after this step (Ctrl-C again aborts without saving)", flush=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+            print(f"\n{self.name}: saving at the next stop point (another one aborts without saving)", flush=True)
+        for s in STOP_SIGNALS:
+            signal.signal(s, stop_at_once)
 
     def __exit__(self, *_):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
-    def anywhere(self, device):
-        """Whether any process got a Ctrl-C: all must stop at the same step."""
-        requested = self.requested
-        if dist.is_initialized():
-            requested = torch.tensor(float(requested), device=device)
-            dist.all_reduce(requested, op=dist.ReduceOp.MAX)
-        return bool(requested)
+    @property
+    def requested(self):
+        return self.signum != 0
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum or signal.SIGINT).name
 
 
+def kept_checkpoint(cfg):
+    """What a run that ends in an error leaves: its out-dir's checkpoint, if there is one."""
+    path = cfg and os.path.join(cfg.out_dir, OUTPUTS[0])
+    return f"; {path} is kept as it was" if path and os.path.isfile(path) else "; no checkpoint was saved"
+
+
+def last_line(err):
+    """The line of an error to show: a loader worker's error arrives as its whole traceback, ending in its own."""
+    line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return line.split(": ", 1)[-1] if str(err).startswith("Caught ") else line
+
+
+# ---- The output folder -------------------------------------------------------------------------
 @contextlib.contextmanager
-def claim_out_dir(path):
-    """Make --out-dir, check that it takes the outputs, and hold it for this run: a lock file with the process
-    id; another run there ends with one line, and a lock whose process has ended is replaced."""
+def claim_out_dir(path, resume=""):
+    """Make --out-dir, check that it takes every output, and hold it for this run: a lock file with the process id;
+    another run there ends with one line, and a lock whose process has ended is replaced. An earlier run's
+    checkpoint there is never replaced, except by the run that resumes it."""
     try:
         os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        for name in OUTPUTS:  # the very names that the saves write: a full path too long fails now, not later
+            with open(os.path.join(path, name + ".tmp"), "w"):
+                pass
+            os.remove(os.path.join(path, name + ".tmp"))
     except OSError as err:
         raise UsageError(f"--out-dir {path}: cannot write there ({err.strerror or err}); give another") from None
     for name in filter(lambda name: os.path.isdir(os.path.join(path, name)), OUTPUTS):
@@ -745,55 +873,236 @@ def claim_out_dir(path):
         raise UsageError(f"--out-dir {path} is in use by another run (process {owner}, see {lock}); "
                          f"wait for it to end, or give another --out-dir")
     try:
+        ckpt = os.path.join(path, OUTPUTS[0])
+        if os.path.exists(ckpt) and not (resume and os.path.samefile(resume, ckpt)):
+            raise UsageError(f"--out-dir {path} holds an earlier run's checkpoint; continue it with --resume {ckpt} "
+                             f"(or --resume auto), or give another --out-dir")
         yield
     finally:
-        os.remove(lock)
+        with contextlib.suppress(OSError):  # a folder gone or read-only now: the error that says so matters more
+            os.remove(lock)
 
 
+# ---- Progress: the losses, the speed and what bounds it, the kNN figures; metrics.csv and its plot
 class Progress:
-    """Averages the loss terms over each --log-every interval into a printed line and a row of metrics.csv. A
-    resumed run keeps the rows up to its checkpoint's step: it drops those of steps that a crash lost."""
+    """The --log-every intervals of a run. The loss terms stay on the device until the interval ends, when they are
+    read at once; a line and a row of metrics.csv then give their means, the speed and data_wait, the share of the
+    interval spent waiting for the next batch (near 0: the device bounds the run; near 1, the loader)."""
 
-    def __init__(self, csv_path, cfg, step, total_steps):
-        self.csv_path, self.cfg, self.total_steps, self.rows = csv_path, cfg, total_steps, []
-        self.interval, self.tick = [], time.time()  # interval: the loss terms of each step since the last write
-        if step and os.path.exists(csv_path):
-            with open(csv_path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    def __init__(self, csv_path, cfg, step, total_steps, steps_per_epoch, device, rank=0):
+        self.csv_path, self.cfg, self.total_steps, self.device, self.rank = csv_path, cfg, total_steps, device, rank
+        self.steps_per_epoch = steps_per_epoch
+        self.rows = read_metrics(csv_path, step) if step and rank == 0 else []
+        self.start, self.interval, self.waited, self.elapsed, self.tick = step, [], 0.0, 0.0, time.perf_counter()
+        self.steady_images, self.steady_seconds = 0, 0.0  # after this start's first interval, which holds the warm-up
 
-    def write(self, epoch, step):
-        speed = len(self.interval) * self.cfg.batch_size / (time.time() - self.tick)
-        means = {k: sum(t[k] for t in self.interval) / len(self.interval) for k in self.interval[0]}
-        self.rows.append({"epoch": epoch, "step": step, **means, "images_per_s": speed})
-        with open(self.csv_path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(self.rows[-1]))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(self.csv_path + ".tmp", self.csv_path)
-        eta = (self.total_steps - step) * self.cfg.batch_size / speed
-        print(f"epoch {epoch}/{self.cfg.epochs} step {step}/{self.total_steps} | "
-              + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-              + f" | {speed:.1f} img/s | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
-        self.interval, self.tick = [], time.time()
+    def timed(self, batches):
+        """The batches, each one's wait added to the interval's."""
+        batches = iter(batches)
+        while True:
+            tick = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            self.waited += time.perf_counter() - tick
+            yield batch
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in the block counts in no figure."""
+        self.elapsed += time.perf_counter() - self.tick
+        yield
+        self.tick = time.perf_counter()
+
+    def write(self, step, stop=False):
+        """End the interval at `step` -> whether to stop now (a stop request in any process: all stop together)."""
+        requested = torch.tensor([float(stop)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(requested, op=dist.ReduceOp.MAX)
+        sums = torch.stack([torch.stack(list(terms.values())) for terms in self.interval]).sum(0)
+        *sums, stop = torch.cat([sums.float(), requested]).tolist()  # the interval's one read of device values
+        steps, first = len(self.interval), step - len(self.interval) + 1
+        means = {k: s / steps for k, s in zip(self.interval[0], sums)}
+        if not all(map(math.isfinite, means.values())):
+            values = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
+            raise NonFiniteLoss(f"a loss is not finite in steps {first}-{step} ({values}); stopped, dropping the "
+                                f"weights since the last save; {likely_cause(self.cfg)}")
+        self.elapsed += time.perf_counter() - self.tick
+        speed = steps * self.cfg.batch_size / self.elapsed
+        if first > self.start + 1:
+            self.steady_images, self.steady_seconds = self.steady_images + steps * self.cfg.batch_size, \
+                self.steady_seconds + self.elapsed
+        row = {"epoch": (step - 1) // self.steps_per_epoch + 1, "step": step, **means, "images_per_s": speed,
+               "data_wait": self.waited / self.elapsed}
+        if self.device.type == "cuda":
+            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        if self.rank == 0:
+            self.rows.append(row)
+            self.save()
+            eta = (self.total_steps - step) * self.cfg.batch_size / (self.steady_speed() or speed)
+            memory = f", GPU memory {row['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in row else ""
+            print(f"epoch {row['epoch']}/{self.cfg.epochs} step {step}/{self.total_steps} | "
+                  + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                  + f" | {speed:.1f} img/s, data wait {row['data_wait']:.2f}{memory} | eta "
+                  f"{eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
+        self.interval, self.waited, self.elapsed, self.tick = [], 0.0, 0.0, time.perf_counter()
+        return bool(stop)
+
+    def record(self, figures):
+        """Add figures ({column: value}) to the last row: the kNN monitor's, at the end of a measured epoch."""
+        self.rows[-1].update(figures)
+        self.save()
+        print(f"kNN top-1 at step {self.rows[-1]['step']}: "
+              + ", ".join(f"{'peer' if k.endswith('peer') else 'student'} {v:.2f}%" for k, v in figures.items()), flush=True)
+
+    def save(self):
+        """metrics.csv: one header, the union of its rows' columns (a resume may add some), missing values empty."""
+        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        with atomic_file(self.csv_path) as f:
+            f.write(text.getvalue().encode())
+
+    def steady_speed(self):
+        return self.steady_images / self.steady_seconds if self.steady_seconds else 0.0
+
+    def steady(self):
+        """The speed of this start after its first interval, for the last line."""
+        speed = self.steady_speed()
+        return f"{speed:.1f} img/s after the first step" if speed else "too short for a steady speed"
 
 
-def plot_losses(rows, png_path):
-    """losses.png from the rows of metrics.csv: each network's SSL term, and each one's KL term."""
+def read_metrics(path, step):
+    """The rows of metrics.csv up to `step`: a resume drops those of steps that a crash lost. An edited file is
+    refused, never silently rewritten."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path, newline="") as f:
+            return [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+    except (OSError, KeyError, TypeError, ValueError, csv.Error) as err:
+        raise UsageError(f"{path} cannot be read as dogo.py wrote it ({type(err).__name__}: {err}); restore it, "
+                         f"or move it away to resume with its curves started anew") from None
+
+
+LOSS_NAMES = {"simclr": "NT-Xent", "simsiam": "SimSiam loss"}
+
+
+def describe(cfg):
+    """The two networks and their losses, e.g. 'resnet18 (NT-Xent) + peer resnet50 (NT-Xent)'."""
+    peer = f"peer {cfg.peer} ({LOSS_NAMES[cfg.peer_objective or cfg.objective]})" if cfg.peer != "none" else "no peer"
+    return f"{cfg.arch} ({LOSS_NAMES[cfg.objective]}) + {peer}"
+
+
+def plot_losses(rows, png_path, cfg):
+    """losses.png from the rows of metrics.csv: the SSL terms, the KL terms with a peer, the kNN figures if any."""
     from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebooks alone
-    if not rows:
+    series = lambda key: [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+    panels = [(title, keys) for title, keys in (("SSL loss", ("ssl", "ssl_peer")), ("KL to the peer", ("kl", "kl_peer")),
+                                                ("kNN top-1 (%)", ("knn", "knn_peer"))) if series(keys[0])]
+    if not panels:
         return
-    steps = [int(r["step"]) for r in rows]
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    for ax, term in zip(fig.subplots(1, 2), ("ssl", "kl")):
-        for key, who in ((term, "student"), (f"{term}_peer", "peer")):
-            if key in rows[0]:
-                ax.plot(steps, [float(r[key]) for r in rows], label=who,
-                        marker="o" if len(rows) < 30 else None)  # a lone point shows too
-        ax.set(title={"ssl": "SSL loss", "kl": "KL to the peer"}[term], xlabel="step", ylabel="loss")
-        if ax.lines:
-            ax.legend()
-    fig.savefig(png_path + ".tmp.png")
-    os.replace(png_path + ".tmp.png", png_path)
+    fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for key, who, objective in zip(keys, ("student", "peer"), (cfg.objective, cfg.peer_objective or cfg.objective)):
+            if series(key):
+                label = f"{who} ({LOSS_NAMES[objective]})" if title == "SSL loss" else who
+                ax.plot(*zip(*series(key)), label=label, marker="o" if len(series(key)) < 30 else None)
+        ax.set(title=title, xlabel="step", ylabel="top-1 (%)" if "kNN" in title else "loss")
+        ax.legend()
+    with atomic_file(png_path) as f:
+        fig.savefig(f, format="png")
+
+
+# ---- The kNN monitor: the representation's quality while it trains -------------------------------
+def dataset_labels(base):
+    """All labels of a dataset as an int64 array, without decoding an image where it can."""
+    for name in ("targets", "labels"):  # CIFAR, ImageFolder and synthetic; STL-10
+        if hasattr(base, name):
+            return np.asarray(getattr(base, name), dtype=np.int64)
+    return np.array([label for _, label in base], dtype=np.int64)
+
+
+@torch.no_grad()
+def knn_scores(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1):
+    r"""Weighted k-nearest-neighbour class scores (Wu et al. 2018, instance discrimination), which many SSL papers
+    report. N_k(x): the k training features most cosine-similar to x (k capped by the training-set size).
+
+    .. math::  \mathrm{score}_c(x) = \sum_{i \in \mathcal{N}_k(x)} [y_i = c] \, \exp(\cos(x, x_i) / t)
+
+    Returns (N_test, num_classes); the prediction is the arg-max."""
+    k = min(k, len(train_labels))
+    train = F.normalize(train_features, dim=1)                          # (N_train, D)
+    labels = torch.as_tensor(np.asarray(train_labels, dtype=np.int64), device=train.device)
+    scores = []
+    for test in F.normalize(test_features, dim=1).split(256):          # (B, D): memory B * N_train
+        similarity, neighbours = (test @ train.T).topk(k, dim=1)        # (B, k)
+        votes = torch.zeros(len(test), num_classes, device=test.device)
+        scores.append(votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp()))
+    return torch.cat(scores)
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.1):
+    """Top-1 accuracy (percent) of the weighted kNN classifier of knn_scores."""
+    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature)
+    labels = torch.as_tensor(np.asarray(test_labels, dtype=np.int64), device=scores.device)
+    return 100.0 * (scores.argmax(dim=1) == labels).sum().item() / len(labels)
+
+
+def stratified(labels, count):
+    """`count` positions in labels, each class its share of them: the same every time (a seeded NumPy draw)."""
+    if count >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(0)
+    return np.sort(np.concatenate([rng.permutation(members)[:round(count * len(members) / len(labels))]
+                                   for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]))
+
+
+class KnnMonitor:
+    """kNN top-1 of each network's encoder features in eval mode, float32: a bank of up to --knn-images labelled
+    training images (stratified) against the whole test split. Their images are decoded, sized and kept once;
+    it draws no random number and changes no BatchNorm statistic, so it changes nothing in the run it measures."""
+
+    def __init__(self, cfg, device):
+        splits = [load_dataset(cfg.dataset, cfg.data_dir, s, cfg.synthetic_size, cfg.img_size) for s in ("train", "test")]
+        labels = [dataset_labels(split) for split in splits]
+        bank = stratified(labels[0], cfg.knn_images)
+        sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
+        loader = functools.partial(DataLoader, batch_size=256, num_workers=cfg.workers or 0,
+                                   generator=torch.Generator())  # its own: no draw from the training's stream
+        self.images = [torch.cat([x[:, 0] for x, _ in loader(AugmentedImages(torch.utils.data.Subset(split, chosen),
+                                                                               sized, 1))]).to(device)
+                       for split, chosen in zip(splits, (bank, range(len(splits[1]))))]  # uint8 (N, 3, S, S)
+        self.labels = [labels[0][bank], labels[1]]
+        self.num_classes = len(getattr(splits[0], "classes", ())) or int(labels[0].max()) + 1
+        self.info = DATASETS[cfg.dataset]
+
+    @classmethod
+    def of(cls, cfg, device):
+        """The monitor, or None: off (--knn-every 0), or an image folder without a test split, said in one line."""
+        folders = [os.path.join(cfg.data_dir, f) for f in ("test", "val")]
+        if cfg.dataset == "imagefolder" and cfg.knn_every and not any(map(os.path.isdir, folders)):
+            print(f"note: --data-dir {cfg.data_dir} has no test/ or val/ folder: this run has no kNN monitor")
+        elif cfg.knn_every:
+            return cls(cfg, device)
+
+    @torch.no_grad()
+    def features(self, encoder, images):
+        x = (v2.functional.normalize(batch.float() / 255, self.info.mean, self.info.std) for batch in images.split(256))
+        return torch.cat([encoder(b.contiguous(memory_format=torch.channels_last) if b.is_cuda else b) for b in x])
+
+    def __call__(self, networks):
+        """{'knn': the student's top-1 in percent, 'knn_peer': the peer's}."""
+        figures = {}
+        for name, net in zip(("knn", "knn_peer"), networks):
+            if net is not None:
+                net.eval()  # BatchNorm's running statistics, left as they are
+                bank, test = (self.features(net.encoder, images) for images in self.images)
+                net.train()
+                figures[name] = knn_accuracy(bank, self.labels[0], test, self.labels[1], self.num_classes)
+        return figures
 
 
 # ---- The synthetic dataset, for offline runs and tests -----------------------------------------
@@ -859,42 +1168,6 @@ class ImageFolder(torchvision.datasets.ImageFolder):
         return [(os.path.join(root, file), label) for name, label in sorted(class_to_idx.items())
                 for root, _, files in sorted(os.walk(os.path.join(directory, name)))
                 for file in sorted(files) if file.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)]
-
-
-# ---- --benchmark: where the time of a training step goes ---------------------------------------
-def benchmark(cfg, rank=0, world=1, device=torch.device("cpu"), warmup=3):
-    """--benchmark, on synthetic images: images/s of whole steps, of the loader and of train_step alone."""
-    steps, drain = cfg.max_steps or 10, warmup + 2 * cfg.workers  # untimed: warm-up, the loader's queue
-    data = training_set(SyntheticShapes(cfg.batch_size * (drain + steps), cfg.img_size), cfg)
-    student, peer = networks_on(device, cfg)
-    optimizers = build_optimizers([student, peer], cfg)
-    run_student, run_peer = (runner(net, cfg, device, world) for net in (student, peer))
-    loader = make_loader(data, cfg, device, rank, world)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # GPUs run asynchronously
-
-    def images_per_s(use, batches):
-        for i, batch in enumerate(batches):
-            if i == drain:
-                sync()
-                tick = time.perf_counter()
-            use(batch)
-        sync()
-        return cfg.batch_size * (i + 1 - drain) / (time.perf_counter() - tick)
-
-    step = functools.partial(train_step, run_student, run_peer, optimizers, cfg=cfg)  # step(views)
-    loader_speed = images_per_s(lambda batch: to_views(batch[0], cfg, device), loader)
-    speed = images_per_s(lambda batch: step(to_views(batch[0], cfg, device)), loader)
-    model_speed = images_per_s(step, [to_views(next(iter(loader))[0], cfg, device)] * (drain + steps))
-    peak_mb = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda"
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
-    result = dict(images_per_s=speed, loader_images_per_s=loader_speed, model_images_per_s=model_speed,
-                  bound_by="data" if loader_speed < model_speed else "model", peak_mem_mb=peak_mb,
-                  device=f"{world} x {device.type}" if world > 1 else str(device))
-    result = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
-    if rank == 0:
-        print(f"{cfg.arch} + peer {cfg.peer}, batch {cfg.batch_size} at {cfg.img_size} px, {cfg.workers} "
-              f"loader workers: {steps} timed steps after {drain}\nbenchmark: {json.dumps(result)}", flush=True)
-    return result
 
 
 # ---- SimCLR's augmentation on the device, a batch at a time (--gpu-augment) --------------------

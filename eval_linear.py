@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 import dogo
-from dogo import UsageError, flag, parse_flags, pick_device, require
+from dogo import UsageError, dataset_labels, flag, knn_accuracy, knn_scores, parse_flags, pick_device, require
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ class EvalConfig:
                                     "magnitude, an untrained one included); off = the authors' raw "
                                     "features")
     # running
-    workers: int = flag(dogo.Config.workers, "data-loading processes; 0 loads in the main process")
+    workers: int = flag(min(8, os.cpu_count() or 1), "data-loading processes; 0 loads in the main process")
     device: str = flag("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     seed: int = flag(0, "seed for the label subset, the noise, the validation split and training")
     results: str = flag("", "JSON-lines file that each run appends to; '' = results.jsonl "
@@ -252,8 +252,7 @@ def load_encoder(cfg):
         return net.encoder, dict(arch=arch, feature_dim=net.feature_dim, img_size=img_size,
                                  trained_on=None, step=0, data_dir="./data",
                                  synthetic_size=dogo.Config.synthetic_size)
-    ckpt = dogo.load_checkpoint(cfg.checkpoint, flag="--checkpoint")
-    trained = dogo.config_from_checkpoint(ckpt)
+    ckpt, trained, _ = dogo.load_checkpoint(cfg.checkpoint, flag="--checkpoint", resume=False)
     if cfg.network == "peer" and ckpt["peer"] is None:
         raise UsageError(f"--network peer: {cfg.checkpoint} was trained alone (--peer none) and has "
                          f"no peer; use --network student")
@@ -303,14 +302,6 @@ class LabelledImages(Dataset):
     def whole(cls, base, transform):
         """Every image of `base`, with its own label."""
         return cls(base, range(len(base)), dataset_labels(base), transform)
-
-
-def dataset_labels(base):
-    """All labels of a dataset as an int64 array, without decoding an image where it can."""
-    for name in ("targets", "labels"):  # CIFAR, ImageFolder and synthetic; STL-10
-        if hasattr(base, name):
-            return np.asarray(getattr(base, name), dtype=np.int64)
-    return np.array([label for _, label in base], dtype=np.int64)
 
 
 @torch.no_grad()
@@ -577,34 +568,6 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, nu
         scores = classifier(x_test)
     return {**accuracies(scores, y_test, num_classes), "best_epoch": best_epoch,
             "val_top1": val_top1, "train_images": len(fit), "val_images": len(val)}
-
-
-@torch.no_grad()
-def knn_scores(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1):
-    r"""Weighted k-nearest-neighbour class scores, the classifier of Wu et al. (2018, instance
-    discrimination) that many SSL papers report.
-
-    .. math::
-        \mathrm{score}_c(x) = \sum_{i \in \mathcal{N}_k(x)} [y_i = c] \, \exp(\cos(x, x_i) / t)
-
-    N_k(x): the k training features most cosine-similar to x; k is capped by the training-set
-    size. Returns (N_test, num_classes); the prediction is the arg-max."""
-    k = min(k, len(train_labels))
-    train = F.normalize(train_features, dim=1)                          # (N_train, D)
-    labels = torch.as_tensor(_as_numpy(train_labels), device=train.device)
-    scores = []
-    for test in F.normalize(test_features, dim=1).split(256):          # (B, D): memory B * N_train
-        similarity, neighbours = (test @ train.T).topk(k, dim=1)        # (B, k)
-        votes = torch.zeros(len(test), num_classes, device=test.device)
-        scores.append(votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp()))
-    return torch.cat(scores)
-
-
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200,
-                 temperature=0.1):
-    """Top-1 accuracy (percent) of the weighted kNN classifier of knn_scores."""
-    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature)
-    return topk_accuracy(scores, torch.as_tensor(_as_numpy(test_labels), device=scores.device), 1)
 
 
 @torch.no_grad()

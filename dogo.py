@@ -34,14 +34,18 @@ import sys
 import time
 from collections import namedtuple
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision.transforms import v2
+try:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import torchvision
+    from torch.utils.data import DataLoader, Dataset, DistributedSampler
+    from torchvision.transforms import v2
+except KeyboardInterrupt:  # Ctrl-C while torch loads, before anything has started
+    print(f"{os.path.basename(sys.argv[0])}: stopped by Ctrl-C while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 # ---- Config ------------------------------------------------------------------------------------
@@ -201,9 +205,9 @@ def to_views(batch, cfg, device):
     batch = batch.to(device, non_blocking=True)  # from pinned memory: the copy overlaps compute
     if not cfg.gpu_augment:
         return batch
-    info = DATASETS[cfg.dataset]
-    return torch.stack([batch_ssl_augmentation(batch[:, 0], cfg.img_size, info.mean, info.std)
-                        for _ in range(2 if cfg.peer == "none" else 4)], dim=1)
+    info, k = DATASETS[cfg.dataset], 2 if cfg.peer == "none" else 4
+    views = batch_ssl_augmentation(batch[:, 0].repeat(k, 1, 1, 1), cfg.img_size, info.mean, info.std)  # one call
+    return views.unflatten(0, (k, len(batch))).transpose(0, 1)  # (k * B, C, H, W) -> (B, k, C, H, W)
 
 
 # ---- Networks: encoder f (the backbone) and projection head g ----------------------------------
@@ -471,15 +475,13 @@ def check_outputs(networks, views, cfg, step):
         net.train()
         if not finite:
             raise NonFiniteLoss(f"the weights after step {step} give non-finite projections; stopped without "
-                                f"saving them (the checkpoint on disk is the last good state); {likely_cause(cfg)}")
+                                f"saving them; {likely_cause(cfg)}{kept_checkpoint(cfg)}")
 
 
 def main(argv=None):
     """The command line. Errors the user can fix: one line, exit 2; a stop by a signal: exit 128 + its number."""
-    cfg = None
-    try:
-        for s in (signal.SIGTERM, signal.SIGHUP):  # outside the loop, these stop at once, like a first Ctrl-C
-            signal.signal(s, stop_at_once)
+    cfg, previous = None, {s: signal.signal(s, stop_at_once) for s in STOP_SIGNALS[1:]}  # outside the loop:
+    try:                                                                                  # stop at once
         cfg, given = parse_flags(Config, argv, "dogo.py", __doc__.splitlines()[0])
         cfg, ckpt = resolve_config(cfg, given)
         rank, world, device = init_distributed(cfg)
@@ -499,6 +501,8 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # ==== Plumbing: how the script runs, not what it computes =======================================
@@ -539,7 +543,7 @@ def atomic_file(path):
     except (OSError, RuntimeError) as err:
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
-        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
+        reason = getattr(err, "strerror", None) or "the write failed: is the disk full?"  # torch's says less
         raise UsageError(f"cannot save {path} ({reason}); the previous one is left as it was: "
                          f"free some space, or give another folder") from None
 
@@ -926,7 +930,7 @@ class Progress:
         if not all(map(math.isfinite, means.values())):
             values = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
             raise NonFiniteLoss(f"a loss is not finite in steps {first}-{step} ({values}); stopped, dropping the "
-                                f"weights since the last save; {likely_cause(self.cfg)}")
+                                f"weights since the last save; {likely_cause(self.cfg)}{kept_checkpoint(self.cfg)}")
         self.elapsed += time.perf_counter() - self.tick
         speed = steps * self.cfg.batch_size / self.elapsed
         if first > self.start + 1:
@@ -1177,6 +1181,11 @@ def uniform(x, generator, *shape):  # U[0, 1) of the given shape, on the device 
     return torch.rand(*shape, generator=generator, device=x.device)
 
 
+@functools.cache
+def on_device(values, device):  # a constant, copied to the device once: each copy would make the host wait
+    return torch.tensor(values, device=device)
+
+
 def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), generator=None):
     """RandomResizedCrop + RandomHorizontalFlip as in torchvision, float (B, C, H, W) -> (B, C, size, size)."""
     B, _, H, W = x.shape
@@ -1221,7 +1230,7 @@ def _shift_hue(x, shift):
     hue6 = (hue + 6 * shift) % 6  # the new hue, in sixths of a turn
     s = chroma / torch.where(v > 0, v, 1.0)
     # HSV -> RGB: channel n (5 for R, 3 for G, 1 for B) is v * (1 - s * clamp(min(k, 4 - k), 0, 1)).
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue6[:, None]) % 6
+    k = (on_device((5.0, 3.0, 1.0), x.device).view(1, 3, 1, 1) + hue6[:, None]) % 6
     return v[:, None] * (1 - s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
 
 
@@ -1229,7 +1238,7 @@ def color_jitter_grayscale(x, jitter=JITTER, p_jitter=P_JITTER, p_gray=P_GRAY, g
     """RandomApply(ColorJitter(*jitter), p=p_jitter) then RandomGrayscale(p=p_gray), jitter <= 1."""
     B = x.shape[0]
     # Brightness, contrast, saturation factors ~ U[1 - j, 1 + j] (a 4th, unused, keeps indexing simple).
-    factors = 1 + torch.tensor([*jitter[:3], 0.0], device=x.device) * (2 * uniform(x, generator, B, 4) - 1)
+    factors = 1 + on_device((*jitter[:3], 0.0), x.device) * (2 * uniform(x, generator, B, 4) - 1)
     hue = jitter[3] * (2 * uniform(x, generator, B, 1, 1) - 1)  # in turns, ~ U[-j, j]
     order = uniform(x, generator, B, 4).argsort(dim=1)  # a random permutation per image
     out = x

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 import nbformat
 import numpy as np
@@ -19,9 +20,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from nbclient import NotebookClient
 from PIL import Image
 from torchvision.transforms import v2
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.transforms.v2 import functional as TF
 
 import dogo
@@ -47,6 +50,28 @@ def run_dogo(*args):
 
 def run_eval(*args, cwd=None):
     return run_script("eval_linear.py", *args, cwd=cwd)
+
+
+# Ops that make the host wait for a tensor's value: on a GPU each one stalls the queue of kernels.
+HOST_READS = {"_local_scalar_dense", "is_nonzero", "nonzero", "equal", "allclose", "masked_select", "unique"}
+OPTIMISER_AND_LOADER = (os.path.join("torch", "optim", ""), os.path.join("torch", "utils", "data", ""))
+
+
+class HostReads(TorchDispatchMode):
+    """Records each host read (HOST_READS) that runs inside the block, with the functions that led to it."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_READS:
+            self.reads.append([f"{frame.filename}:{frame.name}" for frame in traceback.extract_stack()])
+        return func(*args, **(kwargs or {}))
+
+    def outside(self, places):
+        """The reads that none of `places` (parts of file paths or function names) led to."""
+        return [stack for stack in self.reads if not any(p in f for f in stack for p in places)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,32 +339,42 @@ def test_training_on_one_batch_drives_both_losses_down():
     assert last["kl"] < 0.5 * first["kl"]
 
 
-def test_non_finite_loss_stops_before_any_update():
+def test_train_step_reads_no_value_on_the_host():
+    """train_step leaves its loss terms on the device, a non-finite one included: the loop checks them once an
+    interval. The trace counts every op that makes the host wait for a tensor's value."""
     cfg, student, peer, opts = tiny_pair()
     with torch.no_grad():
         student.head[-1].bias.fill_(float("nan"))
-    before = peer.head[-1].weight.detach().clone()
-    with pytest.raises(dogo.NonFiniteLoss):
-        dogo.train_step(student, peer, opts, torch.randn(4, 4, 3, 16, 16), cfg)
-    assert torch.equal(before, peer.head[-1].weight)
+    with HostReads() as reads:
+        terms = dogo.train_step(student, peer, opts, torch.randn(4, 4, 3, 16, 16), cfg)
+    assert reads.outside(OPTIMISER_AND_LOADER) == [] and all(isinstance(t, torch.Tensor) for t in terms.values())
+    assert not math.isfinite(terms["ssl"]) and math.isfinite(terms["ssl_peer"])
 
 
-def test_a_failed_save_keeps_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
-    cfg, student, peer, opts = tiny_pair()
-    path = str(tmp_path / "checkpoint.pt")
-    dogo.save_checkpoint(path, cfg, 7, student, peer, opts)
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+FILE_LIMIT_CHILD = """import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]),) * 2)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
-    def disk_full_halfway(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"half a checkpoint")
-        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full_halfway)
-    with pytest.raises(dogo.UsageError, match="No space left on device.*previous checkpoint is left"):
-        dogo.save_checkpoint(path, cfg, 8, student, peer, opts)
-    assert os.listdir(tmp_path) == ["checkpoint.pt"]  # the temporary file is gone: its space is free again
-    assert dogo.load_checkpoint(path)["step"] == 7
+def run_with_file_limit(limit, script, *args):
+    """A script run with every file it writes capped at `limit` bytes: a full disk, as the process meets it."""
+    return subprocess.run([sys.executable, "-c", FILE_LIMIT_CHILD, str(limit), os.path.join(HERE, script), *args],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary_file(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_dogo(*TINY, "--epochs", "1", "--out-dir", out).returncode == 0
+    size, before = os.path.getsize(os.path.join(out, "checkpoint.pt")), read_metrics(out)
+    result = run_with_file_limit(size // 2, "dogo.py", "--resume", os.path.join(out, "checkpoint.pt"), "--epochs", "2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot save {out}/checkpoint.pt" in result.stderr and "previous one is left as it was" in result.stderr
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "losses.png", "metrics.csv"]  # no temporary file, no lock
+    assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))[0]["step"] == 4
+    assert [r["step"] for r in read_metrics(out)][:4] == [r["step"] for r in before]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,8 +393,8 @@ def dogo_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("peer,columns", [
-    ("wrn10_2", ["epoch", "step", "ssl", "kl", "ssl_peer", "kl_peer", "images_per_s"]),
-    ("none", ["epoch", "step", "ssl", "images_per_s"]),
+    ("wrn10_2", ["epoch", "step", "ssl", "kl", "ssl_peer", "kl_peer", "images_per_s", "data_wait", "knn", "knn_peer"]),
+    ("none", ["epoch", "step", "ssl", "images_per_s", "data_wait", "knn"]),
 ])
 def test_script_trains_and_writes_its_outputs(tmp_path, dogo_run, peer, columns):
     if peer == "none":
@@ -371,40 +406,56 @@ def test_script_trains_and_writes_its_outputs(tmp_path, dogo_run, peer, columns)
     rows = read_metrics(out)
     assert list(rows[0]) == columns and [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]
     assert [int(r["epoch"]) for r in rows] == [1, 1, 1, 1, 2]  # 32 images / batch 8 = 4 steps/epoch
-    assert all(math.isfinite(float(r[c])) and float(r[c]) >= 0 for r in rows for c in columns[2:])
+    assert all(math.isfinite(float(r[c])) and float(r[c]) >= 0 for r in rows for c in columns[2:-2])
+    assert all(0 <= float(r["data_wait"]) <= 1 for r in rows)
+    # The monitor measures after each epoch (step 4) and at the end (step 5), on the 10 test images.
+    measured = [[r[c] for c in columns if c.startswith("knn")] for r in rows]
+    assert all(v == "" for row in measured[:3] for v in row) and all(float(v) % 10 == 0 for v in measured[3] + measured[4])
     with open(os.path.join(out, "losses.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert ckpt["step"] == 5 and ckpt["epoch"] == 1  # 4 steps per epoch
-    assert ckpt["config"]["peer"] == peer and ckpt["config"]["img_size"] == 8
-    student, peer_net = dogo.build_networks(dogo.Config(**ckpt["config"]))
+    ckpt, cfg, _ = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert ckpt["step"] == 5 and cfg.peer == peer and cfg.img_size == 8
+    assert ckpt["ran_on"] == {"torch": torch.__version__, "torchvision": torchvision.__version__, "device": "cpu"}
+    assert (cfg.device, cfg.workers, cfg.amp, cfg.gpu_augment, cfg.sync_bn) == ("cpu", 0, False, False, False)
+    student, peer_net = dogo.build_networks(cfg)
     student.load_state_dict(ckpt["student"])
     if peer == "none":
         assert ckpt["peer"] is None and peer_net is None
     else:
         peer_net.load_state_dict(ckpt["peer"])
-    assert "done:" in result.stdout and "step 5/5" in result.stdout
+    first_line = result.stdout.splitlines()[0]
+    assert first_line.startswith("DoGo: wrn10_2 (NT-Xent) + " + ("no peer" if peer == "none" else "peer wrn10_2 (NT-Xent)"))
+    assert "done:" in result.stdout and "step 5/5" in result.stdout and "img/s after the first step" in result.stdout
 
 
-def test_resume_gives_the_same_weights_as_one_run(tmp_path, dogo_run):
-    one = dogo_run[1]  # 5 steps in one go
-    two = str(tmp_path / "two")
+def test_resume_and_the_knn_monitor_change_no_weight(tmp_path, dogo_run):
+    """Stopped and resumed, or watched by the kNN monitor or not, a run ends with the same weights, BatchNorm
+    statistics and random state as one uninterrupted run."""
+    one = dogo_run[1]  # 5 steps in one go, measured after step 4 and at the end
+    two, unwatched = str(tmp_path / "two"), str(tmp_path / "unwatched")
     assert run_dogo(*TINY, "--max-steps", "2", "--out-dir", two).returncode == 0
     with open(os.path.join(two, "metrics.csv"), "a") as f:  # a row logged after the checkpoint,
-        f.write("1,3,9,9,9,9,9\n")                           # as a crash would leave it
-    resumed = run_dogo("--resume", os.path.join(two, "checkpoint.pt"), "--max-steps", "5")
+        f.write("1,3,9,9,9,9,9,9,,\n")                        # as a crash would leave it
+    # The machine's settings are not the checkpoint's: given again, as a user on the same machine would.
+    resumed = run_dogo("--resume", os.path.join(two, "checkpoint.pt"), "--max-steps", "5", "--workers", "0")
     assert resumed.returncode == 0, resumed.stderr
-    a = torch.load(os.path.join(one, "checkpoint.pt"), weights_only=True)
-    b = torch.load(os.path.join(two, "checkpoint.pt"), weights_only=True)
-    assert a["step"] == b["step"] == 5
-    for name in ("student", "peer"):
-        for key in a[name]:
-            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key}"
+    assert run_dogo(*TINY, "--max-steps", "5", "--knn-every", "0", "--out-dir", unwatched).returncode == 0
+    a, b, c = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True) for d in (one, two, unwatched))
+    assert a["step"] == b["step"] == c["step"] == 5
+    for other in (b, c):
+        assert torch.equal(a["rng_cpu"], other["rng_cpu"])
+        for name in ("student", "peer"):
+            for key in a[name]:
+                assert torch.equal(a[name][key], other[name][key]), f"{name}.{key}"
     assert [r["step"] for r in read_metrics(two)] == ["1", "2", "3", "4", "5"]
     assert [r["ssl"] for r in read_metrics(two)] == [r["ssl"] for r in read_metrics(one)]
+    assert [r["knn"] for r in read_metrics(two)][3:] == [r["knn"] for r in read_metrics(one)][3:]
+    assert "knn" not in read_metrics(unwatched)[0]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_saves_removes_the_lock_and_exits_with_its_code(tmp_path, signum):
+    """Ctrl-C, a scheduler's SIGTERM and a closed terminal's SIGHUP: the step ends, the run saves and exits."""
     out = str(tmp_path / "run")
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "dogo.py"), *TINY, "--max-steps",
                              "1000", "--out-dir", out], cwd=HERE, stdout=subprocess.PIPE,
@@ -412,11 +463,14 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(out, "metrics.csv")) and time.time() < deadline:
         time.sleep(0.2)  # wait until training runs
-    proc.send_signal(signal.SIGINT)
+    os.kill(proc.pid, signum)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
-    ckpt = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
-    assert 1 <= ckpt["step"] < 1000 and f"interrupted at step {ckpt['step']}" in stdout
+    assert proc.returncode == 128 + signum and "Traceback" not in stderr, stderr
+    ckpt = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))[0]
+    name = signal.Signals(signum).name
+    assert 1 <= ckpt["step"] < 1000 and f"stopped by {name} at step {ckpt['step']}: saved" in stdout
+    assert read_metrics(out)[-1]["step"] == str(ckpt["step"])  # the interval up to the stop is checked and kept
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "losses.png", "metrics.csv"]  # no lock left
 
 
 BAD_INPUTS = [
@@ -430,9 +484,11 @@ BAD_INPUTS = [
     (["--lr", "inf"], "--lr must be a positive float32 number"),
     (["--lr", "1e300"], "--lr must be a positive float32 number"),
     (["--kd-weight", "nan"], "--kd-weight must be 0 or more"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--knn-images", "-5"], "--knn-images must be 0 or more"),
     (["--lr", "fast"], "--lr"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
-    (["--resume", "no/such/checkpoint.pt"], "no such file"),
+    (["--resume", "no/such/checkpoint.pt"], "No such file"),
     (["--no-such-flag"], "unrecognized"),
 ]
 
@@ -445,14 +501,55 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys, tmp_path):
     assert exit_.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_bad_checkpoints_are_refused(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A tiny run of one epoch (4 steps) whose checkpoint the tests below copy and tamper with."""
+    out = str(tmp_path_factory.mktemp("saved") / "run")
+    dogo.main([*TINY, "--epochs", "1", "--out-dir", out])
+    return os.path.join(out, "checkpoint.pt")
+
+
+def tampered(ckpt, change):
+    ckpt = {**ckpt, "config": dict(ckpt["config"]), "student": dict(ckpt["student"])}
+    change(ckpt)
+    return ckpt
+
+
+TAMPERED = {  # a change of a real checkpoint's contents -> what the one line names
+    "a weight of another shape": (lambda c: c["student"].update({"head.0.weight": torch.zeros(3, 3)}), "head.0.weight"),
+    "weights of another network": (lambda c: c["config"].update(arch="resnet18"), "do not fit a resnet18"),
+    "a config value of another type": (lambda c: c["config"].update(lr="fast"), "lr = 'fast'"),
+    "a config value out of bounds": (lambda c: c["config"].update(batch_size=1), "--batch-size must be at least 2"),
+    "a step of None": (lambda c: c.update(step=None), "its step is None"),
+    "no optimiser state": (lambda c: c.pop("student_opt"), "optimiser state is missing"),
+    "an optimiser of other shapes": (lambda c: c["peer_opt"]["state"][0].update(exp_avg=torch.zeros(1)),
+                                     "peer optimiser state does not fit"),
+    "no random state": (lambda c: c.pop("rng_cpu"), "no random number generator state"),
+    "no student": (lambda c: c.pop("student"), "student weights are missing"),
+    "no config": (lambda c: c.pop("config"), "no config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_a_tampered_checkpoint_is_refused_in_one_line_before_training(saved_run, tmp_path, capsys, case):
+    change, message = TAMPERED[case]
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save(tampered(torch.load(saved_run, weights_only=True), change), path)
+    with pytest.raises(SystemExit) as stop:
+        dogo.main(["--resume", path, "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt"]  # refused before anything was written
+
+
+def test_bad_checkpoints_are_refused(saved_run, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    cfg, student, peer, opts = tiny_pair()
-    good = str(tmp_path / "checkpoint.pt")
-    dogo.save_checkpoint(good, dogo.Config(**{**cfg.__dict__, "dataset": "synthetic"}), 1, student, peer, opts)
-    for args, message in [(["--resume", str(garbage)], "cannot be read"),
-                          (["--resume", good, "--arch", "resnet50"], "differs from the checkpoint")]:
+    for args, message in [(["--resume", str(garbage)], "not a checkpoint"),
+                          (["--resume", str(tmp_path)], "cannot be read"),
+                          (["--resume", saved_run, "--arch", "resnet50"], "differs from the checkpoint"),
+                          (["--resume", saved_run, "--batch-size", "16"], "--batch-size 16 differs"),
+                          (["--resume", saved_run, "--synthetic-size", "64"], "--synthetic-size 64 differs")]:
         with pytest.raises(SystemExit) as exit_:
             dogo.main(args)
         err = capsys.readouterr().err
@@ -476,19 +573,6 @@ class Exploit:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-def test_benchmark_prints_where_the_time_goes(tmp_path):
-    result = run_script("dogo.py", "--benchmark", *TINY, "--max-steps", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("benchmark: ")
-    figures = json.loads(last[len("benchmark: "):])
-    assert set(figures) == {"images_per_s", "loader_images_per_s", "model_images_per_s", "bound_by",
-                            "peak_mem_mb", "device"}
-    assert figures["device"] == "cpu" and figures["peak_mem_mb"] > 100  # torch alone takes more
-    assert figures["bound_by"] in ("data", "model")  # timings themselves depend on the machine's load
-    assert os.listdir(tmp_path) == []  # measures, trains nothing, writes nothing
 
 
 @pytest.mark.parametrize("peer,n_views", [("resnet18", 4), ("none", 2)])
@@ -530,7 +614,8 @@ def test_compile_wraps_both_networks_and_changes_no_number(monkeypatch):
         optimizers = dogo.build_optimizers(networks, cfg)
         runners = [dogo.runner(net, cfg, torch.device("cpu"), world=1) for net in networks]
         assert all(r is net and (r._compiled_call_impl is not None) == compiled for r, net in zip(runners, networks))
-        terms.append([dogo.train_step(*runners, optimizers, views, cfg) for _ in range(2)])
+        terms.append([{k: v.item() for k, v in dogo.train_step(*runners, optimizers, views, cfg).items()}
+                      for _ in range(2)])
     for plain, compiled in zip(*terms):
         assert compiled == pytest.approx(plain, rel=1e-5)
 
@@ -629,28 +714,116 @@ def test_a_read_only_out_dir_is_found_before_the_first_step(tmp_path, capsys):
     assert stop.value.code == 2 and "cannot write there" in capsys.readouterr().err
 
 
-def test_resume_with_another_batch_size_trains_the_epochs_left(tmp_path):
-    out = str(tmp_path / "run")
-    dogo.main([*TINY, "--batch-size", "16", "--epochs", "2", "--out-dir", out])
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 4  # 2 epochs of 2 steps
-    dogo.main(["--resume", os.path.join(out, "checkpoint.pt"), "--batch-size", "32", "--epochs", "4"])
-    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
-    assert (ckpt["step"], ckpt["epoch"], ckpt["images"]) == (6, 4, 0)  # 2 more epochs of 1 step of 32
+def test_a_resume_runs_what_it_records(saved_run, tmp_path):
+    """Flags given on resume reach the optimisers and the saved config; the machine's settings are resolved anew,
+    so that a checkpoint written on a GPU resumes on this CPU."""
+    ckpt = torch.load(saved_run, weights_only=True)
+    ckpt["config"].update(device="cuda:0", workers=8, amp=True, gpu_augment=True, sync_bn=True, compile=False)
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save(ckpt, path)
+    dogo.main(["--resume", path, "--epochs", "2", "--lr", "0.002", "--weight-decay", "0.5", "--workers", "0",
+               "--device", "cpu"])
+    ckpt, cfg, _ = dogo.load_checkpoint(path)
+    assert ckpt["step"] == 8 and (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.002, 0.5, 2)
+    assert (cfg.device, cfg.workers, cfg.amp, cfg.gpu_augment, cfg.sync_bn) == ("cpu", 0, False, False, False)
+    for name in ("student_opt", "peer_opt"):
+        assert [(g["lr"], g["weight_decay"]) for g in ckpt[name]["param_groups"]] == [(0.002, 0.5)]
+
+
+def test_a_checkpoint_of_the_previous_version_still_resumes_and_evaluates(saved_run, tmp_path):
+    """Checkpoints written before steps became the only position: an epoch and the images of the next one, a
+    --benchmark flag in the config, no record of the machine."""
+    ckpt = torch.load(saved_run, weights_only=True)
+    del ckpt["ran_on"]
+    ckpt.update(epoch=1, images=0)
+    ckpt["config"].update(benchmark=False, workers=2, amp=None, gpu_augment=False, sync_bn=False)
+    for name in ("knn_every", "knn_images"):
+        del ckpt["config"][name]
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save(ckpt, path)
+    assert run_eval("--checkpoint", path, "--protocol", "knn", "--workers", "0").returncode == 0
+    assert run_dogo("--resume", path, "--epochs", "2", "--workers", "0").returncode == 0
+    assert dogo.load_checkpoint(path)[0]["step"] == 8
+
+
+def test_a_new_run_never_replaces_an_earlier_one(saved_run, tmp_path, capsys):
+    """A second run into an out-dir that holds a checkpoint, or a resume into another run's out-dir, is refused;
+    --resume auto continues it, and starts afresh where there is none (a requeued job's single command)."""
+    folder = os.path.dirname(saved_run)
+    before = open(saved_run, "rb").read()
+    for args in ([*TINY, "--lr", "0.01", "--out-dir", folder], ["--resume", saved_run, "--epochs", "2", "--out-dir", folder + "_copy"]):
+        if args[0] == "--resume":
+            os.makedirs(folder + "_copy", exist_ok=True)
+            with open(os.path.join(folder + "_copy", "checkpoint.pt"), "wb") as f:
+                f.write(before)
+        with pytest.raises(SystemExit) as stop:
+            dogo.main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "holds an earlier run's checkpoint" in err and "--resume auto" in err, err
+    assert open(saved_run, "rb").read() == before
+    auto = str(tmp_path / "auto")
+    for epochs, steps in ((1, 4), (2, 8)):  # the same command twice: a new run, then its continuation
+        dogo.main([*TINY, "--resume", "auto", "--epochs", str(epochs), "--out-dir", auto])
+        assert dogo.load_checkpoint(os.path.join(auto, "checkpoint.pt"))[0]["step"] == steps
+    assert [int(r["step"]) for r in read_metrics(auto)] == list(range(1, 9))
+
+
+def test_metrics_keep_one_header_across_versions_and_an_edited_file_is_refused(saved_run, tmp_path, capsys):
+    folder = str(tmp_path / "run")
+    os.makedirs(folder)
+    path = os.path.join(folder, "checkpoint.pt")
+    with open(path, "wb") as f:
+        f.write(open(saved_run, "rb").read())
+    with open(os.path.join(folder, "metrics.csv"), "w") as f:  # as the previous version wrote it
+        f.write("epoch,step,ssl,kl,ssl_peer,kl_peer,images_per_s\n1,4,2.7,2.1,2.8,1.9,80.0\n")
+    dogo.main(["--resume", path, "--epochs", "2"])
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        lines = f.read().splitlines()
+    assert lines[0] == "epoch,step,ssl,kl,ssl_peer,kl_peer,images_per_s,data_wait,knn,knn_peer"
+    assert lines[1] == "1,4,2.7,2.1,2.8,1.9,80.0,,," and len(lines) == 6  # steps 4 (kept), 5, 6, 7, 8
+    with open(os.path.join(folder, "metrics.csv"), "a") as f:
+        f.write("2,nine,1,1,1,1,1,1,,\n")
+    edited = open(os.path.join(folder, "metrics.csv")).read()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        dogo.main(["--resume", path, "--epochs", "3"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "metrics.csv cannot be read" in err, err
+    assert open(os.path.join(folder, "metrics.csv")).read() == edited
+    assert dogo.load_checkpoint(path)[0]["step"] == 8
+
+
+def test_an_out_dir_path_too_long_or_an_empty_folder_is_found_before_training(tmp_path, capsys):
+    long = str(tmp_path) + "".join("/" + c * 200 for c in "abcdefghijklmnopqrst")[:4080 - len(str(tmp_path))]
+    root = tmp_path / "data"
+    os.makedirs(root / "train" / "cat")
+    (root / "train" / "cat" / "notes.txt").write_text("no image here")
+    for args, message in (([*TINY, "--out-dir", long], "File name too long"),
+                          ([*FOLDER, "--data-dir", str(root), "--out-dir", str(tmp_path / "run")], "has no images")):
+        with pytest.raises(SystemExit) as stop:
+            dogo.main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
 
 
 @pytest.mark.parametrize("flags,cause", [(["--lr", "1e30"], "--lr"), (["--temperature", "1e-45"], "raise --temperature")])
 def test_the_nan_guard_never_leaves_a_useless_checkpoint(tmp_path, capsys, flags, cause):
-    """One step per epoch: a save follows every update, the one that ruins the weights included."""
+    """One step per epoch: a save follows every update. A non-finite interval stops the run, naming its steps;
+    the checkpoint on disk, if any, is an earlier, good state."""
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit) as stop:
         dogo.main([*TINY, "--batch-size", "32", "--epochs", "3", "--out-dir", out, *flags])
     err = capsys.readouterr().err
-    assert stop.value.code == 1 and err.count("\n") == 1 and "finite" in err and cause in err, err
+    assert stop.value.code == 1 and err.count("\n") == 1 and cause in err, err
+    kept = "is kept as it was" if os.path.exists(os.path.join(out, "checkpoint.pt")) else "no checkpoint was saved"
+    assert kept in err and ("not finite in steps" in err and "dropping the weights since the last save" in err
+                            or "give non-finite projections; stopped without saving them" in err), err
     if os.path.exists(os.path.join(out, "checkpoint.pt")):  # whatever was saved still computes
-        ckpt = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
-        student, _ = dogo.build_networks(dogo.config_from_checkpoint(ckpt))
+        ckpt, cfg, _ = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+        student, _ = dogo.build_networks(cfg)
         student.load_state_dict(ckpt["student"])
         assert torch.isfinite(student.eval().encoder(torch.rand(4, 3, 8, 8))).all()
+    assert not os.path.exists(os.path.join(out, "run.lock"))
 
 
 def test_a_second_run_on_the_same_out_dir_names_the_first(tmp_path, capsys):
@@ -672,18 +845,38 @@ def test_a_second_run_on_the_same_out_dir_names_the_first(tmp_path, capsys):
     # A lock left by a run that no longer exists is stale: the next run takes the folder over.
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (out / "run.lock").write_text(ended.stdout.strip())
-    dogo.main([*TINY, "--max-steps", "1", "--out-dir", str(out)])
-    assert not (out / "run.lock").exists()
+    step = dogo.load_checkpoint(str(out / "checkpoint.pt"))[0]["step"]
+    dogo.main([*TINY, "--resume", "auto", "--max-steps", str(step + 1), "--out-dir", str(out)])
+    assert not (out / "run.lock").exists() and dogo.load_checkpoint(str(out / "checkpoint.pt"))[0]["step"] == step + 1
 
 
-def test_ctrl_c_outside_the_loop_says_so_in_one_line(monkeypatch, capsys):
-    def interrupted(*args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(dogo, "train", interrupted)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_before_the_loop_is_one_line(monkeypatch, capsys, tmp_path, signum):
+    """A real signal while the run starts (here: as train begins) ends it at once, in one line, with its code."""
+    def starting(*args):
+        os.kill(os.getpid(), signum)
+        time.sleep(10)  # the handler raises here
+    monkeypatch.setattr(dogo, "train", starting)
     with pytest.raises(SystemExit) as stop:
-        dogo.main([*TINY, "--max-steps", "1"])
+        dogo.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err
-    assert stop.value.code == 130 and err.count("\n") == 1 and "Ctrl-C" in err
+    assert stop.value.code == 128 + signum and err.count("\n") == 1 and signal.Signals(signum).name in err, err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main leaves the handlers as it found them
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    """A real SIGINT sent while dogo.py's import of torch runs: a finder that sees the import send it."""
+    child = ("import os, runpy, signal, sys\n"
+             "class Interrupt:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch':\n"
+             "            os.kill(os.getpid(), signal.SIGINT)\n"
+             "sys.meta_path.insert(0, Interrupt())\n"
+             "sys.argv = ['dogo.py', '--help']\n"
+             f"runpy.run_path({os.path.join(HERE, 'dogo.py')!r}, run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stderr.strip() == \
+        "dogo.py: stopped by Ctrl-C while starting; nothing was written", result.stderr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -807,14 +1000,21 @@ def test_distributed_torchrun_trains_writes_once_and_resumes(tmp_path):
     assert [r["step"] for r in read_metrics(out)] == ["1", "2", "3", "4", "5"]
 
 
+def test_world_size_without_torchrun_is_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # exported by hand, or left over from another job
+    with pytest.raises(SystemExit) as stop:
+        dogo.main([*TINY, "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and "WORLD_SIZE=2 is set, but not RANK" in err, err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--batch-size", "7"], "--batch-size 7 does not split evenly over 2 processes"),
     (["--sync-bn"], "--sync-bn needs GPUs"),
 ])
 def test_distributed_impossible_settings_are_one_line_and_exit_2(args, message, monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun tells process 0 of 2
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)  # what torchrun tells process 0 of 2
     with pytest.raises(SystemExit) as stop:
         dogo.main([*TINY, "--device", "cpu", *args])
     assert stop.value.code == 2
@@ -1150,7 +1350,7 @@ def test_mixed_pair_through_the_script_and_resume_keeps_the_objectives(tmp_path,
             "--peer-objective", "simsiam", "--out-dir", out]
     dogo.main([*args, "--max-steps", "2"])
     dogo.main(["--resume", os.path.join(out, "checkpoint.pt"), "--max-steps", "3"])
-    ckpt = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ckpt = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))[0]
     assert ckpt["step"] == 3 and ckpt["config"]["peer_objective"] == "simsiam"
     assert any(k.startswith("predictor.") for k in ckpt["peer"]) and not any(k.startswith("predictor.") for k in ckpt["student"])
     with pytest.raises(SystemExit):

@@ -339,8 +339,8 @@ class NonFiniteLoss(Exception):
 
 
 def ssl_loss(net, x1, x2, temperature, amp=False):
-    """One network on its two views -> (SSL loss, the two (N, d) matrices its KL term compares: SimCLR's two
-    projections, or SimSiam's prediction of view 1 and projection of view 2, the pair it aligns). amp: bf16."""
+    """One network on its two views -> (SSL loss, its (N, d) outputs: SimCLR's projections (z1, z2), SimSiam's
+    predictions and projections (p1, p2, z1, z2); [:2] its own similarities, [-2:] its projections). amp: bf16."""
     x = torch.cat([x1, x2])
     if x.is_cuda:  # the networks are stored channels-last on GPUs, the faster layout for cuDNN
         x = x.contiguous(memory_format=torch.channels_last)
@@ -352,19 +352,19 @@ def ssl_loss(net, x1, x2, temperature, amp=False):
     if p is None:
         return nt_xent(z1, z2, temperature), (z1, z2)
     p1, p2 = (gather(t) for t in p.float().chunk(2))
-    return simsiam_loss(p1, p2, z1, z2), (p1, z2)
+    return simsiam_loss(p1, p2, z1, z2), (p1, p2, z1, z2)
 
 
 def train_step(student, peer, optimizers, views, cfg):
     """One DoGo step on views (B, 4 or 2, C, H, W): 0-1 the student's, 2-3 the peer's -> loss terms as floats."""
     amp = views.is_cuda if cfg.amp is None else cfg.amp
-    ssl, (s1, s2) = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
+    ssl, s = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
     terms, loss = {"ssl": ssl}, ssl
-    if peer is not None:
-        ssl_peer, (q1, q2) = ssl_loss(peer, views[:, 2], views[:, 3], cfg.temperature, amp)
-        terms["kl"] = dogo_kl(s1, s2, q1, q2, cfg.kd_temperature)       # the student learns from its peer
+    if peer is not None:  # KL targets as the authors': the peer's [:2]; for a SimSiam network, the peer's [-2:]
+        ssl_peer, q = ssl_loss(peer, views[:, 2], views[:, 3], cfg.temperature, amp)
+        terms["kl"] = dogo_kl(*s[:2], *(q[-2:] if len(s) == 4 else q[:2]), cfg.kd_temperature)  # student
         terms["ssl_peer"] = ssl_peer
-        terms["kl_peer"] = dogo_kl(q1, q2, s1, s2, cfg.kd_temperature)  # and the peer from the student
+        terms["kl_peer"] = dogo_kl(*q[:2], *(s[-2:] if len(q) == 4 else s[:2]), cfg.kd_temperature)  # peer
         loss = loss + cfg.kd_weight * terms["kl"] + ssl_peer + cfg.peer_kd_weight * terms["kl_peer"]
     if not torch.isfinite(loss):
         raise NonFiniteLoss(", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()))

@@ -1107,30 +1107,66 @@ def test_simsiam_loss_matches_loop_and_stops_the_gradient_at_the_projections():
     assert z1.grad is None and z2.grad is None  # the target branch gets no gradient
 
 
-def test_simsiam_network_distils_its_prediction_against_its_projection():
+def test_ssl_loss_returns_simsiam_s_predictions_and_projections_of_both_views():
     torch.manual_seed(0)
     net = dogo.SSLNet("resnet18", 16, objective="simsiam").eval()
     x1, x2 = torch.randn(3, 3, 16, 16), torch.randn(3, 3, 16, 16)
-    _, (a, b) = dogo.ssl_loss(net, x1, x2, 0.5)
-    assert torch.allclose(a, net.predictor(net.project(x1)), atol=1e-5)
-    assert torch.allclose(b, net.project(x2), atol=1e-5)
+    _, outputs = dogo.ssl_loss(net, x1, x2, 0.5)
+    expected = [net.predictor(net.project(x1)), net.predictor(net.project(x2)), net.project(x1), net.project(x2)]
+    assert len(outputs) == 4 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, expected))
     simclr = dogo.SSLNet("resnet18", 16).eval()
-    _, (a, b) = dogo.ssl_loss(simclr, x1, x2, 0.5)
-    assert torch.allclose(a, simclr.project(x1), atol=1e-5) and torch.allclose(b, simclr.project(x2), atol=1e-5)
+    _, outputs = dogo.ssl_loss(simclr, x1, x2, 0.5)
+    assert len(outputs) == 2
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, [simclr.project(x1), simclr.project(x2)]))
 
 
-@pytest.mark.parametrize("objective,peer_objective", [("simclr", "simclr"), ("simsiam", "simsiam"),
-                                                      ("simclr", "simsiam"), ("simsiam", "simclr")])
-def test_every_objective_pairing_trains(objective, peer_objective):
+# The authors' pairing (util/train_util.py, branch dogo), written out for each pair of objectives: which matrices
+# give (the student's own distribution, its target) and (the peer's own, its target). z: projections of both
+# views, p: SimSiam's predictions of both views. A SimSiam network distils its predictions; its target is its
+# peer's projections; a SimCLR network's target is whatever its peer distils.
+KL_PAIRS = {("simclr", "simclr"): (("z", "peer z"), ("peer z", "z")),
+            ("simsiam", "simclr"): (("p", "peer z"), ("peer z", "p")),
+            ("simclr", "simsiam"): (("z", "peer p"), ("peer p", "z")),
+            ("simsiam", "simsiam"): (("p", "peer z"), ("peer p", "z"))}
+
+
+def reference_kl(own, target, t=0.1):
+    """KL(target || own) of the row-softmaxed cross-view cosines, from the softmax written out."""
+    def distribution(a, b):
+        e = torch.exp(F.normalize(a, dim=1) @ F.normalize(b, dim=1).T / t)
+        return e / e.sum(1, keepdim=True)
+
+    p, q = distribution(*own), distribution(*target)
+    return (q * (q.log() - p.log())).sum(1).mean().item()
+
+
+@pytest.mark.parametrize("objective,peer_objective", sorted(KL_PAIRS))
+def test_every_objective_pairing_distils_as_the_authors_and_trains(objective, peer_objective):
     cfg = dogo.Config(arch="resnet18", peer="wrn10_2", img_size=16, objective=objective,
                       peer_objective=peer_objective)
     student, peer = dogo.build_networks(cfg)
     assert (student.predictor is None) == (objective == "simclr") and peer.objective == peer_objective
+    views = synthetic_views()
+    with torch.no_grad():  # training-mode BatchNorm normalises over the batch: the outputs train_step sees
+        outputs = {}
+        for name, net, (a, b) in (("", student, (0, 1)), ("peer ", peer, (2, 3))):
+            z = net.project(torch.cat([views[:, a], views[:, b]]))  # both views in one pass, as train_step
+            outputs[name + "z"] = z.chunk(2)
+            if net.predictor is not None:
+                outputs[name + "p"] = net.predictor(z).chunk(2)
+    expected = [reference_kl(outputs[own], outputs[target]) for own, target in KL_PAIRS[objective, peer_objective]]
+    # Each pairing must be told apart from the other ones these outputs allow: the check can fail.
+    for pairs in {p for k, p in KL_PAIRS.items() if k != (objective, peer_objective)}:
+        others = [reference_kl(outputs[own], outputs[target]) for own, target in pairs
+                  if own in outputs and target in outputs]
+        assert len(others) < 2 or others != pytest.approx(expected, rel=1e-3)
     opts = [torch.optim.Adam(n.parameters(), lr=1e-3) for n in (student, peer)]
     heads = [n.head[0].weight.detach().clone() for n in (student, peer)]
-    for _ in range(2):
-        terms = dogo.train_step(student, peer, opts, synthetic_views(), cfg)
+    for step in range(2):
+        terms = dogo.train_step(student, peer, opts, views, cfg)
         assert set(terms) == {"ssl", "kl", "ssl_peer", "kl_peer"} and all(map(math.isfinite, terms.values()))
+        if step == 0:  # before any update: the KL terms of the outputs above
+            assert [terms["kl"], terms["kl_peer"]] == pytest.approx(expected, rel=1e-4)
     assert all(not torch.equal(h, n.head[0].weight) for h, n in zip(heads, (student, peer)))
 
 

@@ -145,8 +145,8 @@ P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
 
 
 def blur_kernel_size(img_size):
-    """Odd, ~10% of the image; 0 below 64 px, where blur would wipe out the detail (SimCLR skips it on CIFAR)."""
-    return int(0.1 * img_size) // 2 * 2 + 1 if img_size >= 64 else 0
+    """Odd, ~10% of the image (23 at 224 px); 0 at any other size: the authors blur at exactly 224 px only."""
+    return int(0.1 * img_size) // 2 * 2 + 1 if img_size == 224 else 0
 
 
 def ssl_augmentation(img_size, dataset):

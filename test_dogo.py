@@ -246,10 +246,15 @@ def test_views_differ_and_have_the_right_shape_and_range():
     assert views.min() >= lo - 1e-5 and views.max() <= hi + 1e-5
 
 
-def test_blur_only_for_images_of_64_px_and_more():
-    names = lambda size: [type(t).__name__ for t in dogo.ssl_augmentation(size, "stl10").transforms]
-    blurred = lambda size: any("GaussianBlur" in str(t) for t in dogo.ssl_augmentation(size, "stl10").transforms)
-    assert "RandomResizedCrop" in names(32) and not blurred(32) and blurred(96)
+def test_blur_only_at_224_px_as_the_authors():
+    def blurs(size):  # the GaussianBlur transforms of the per-image pipeline, with their probabilities
+        return [(t.p, b) for t in dogo.ssl_augmentation(size, "stl10").transforms if isinstance(t, v2.RandomApply)
+                for b in t.transforms if isinstance(b, v2.GaussianBlur)]
+    for size in (32, 64, 96, 128, 256):
+        assert dogo.blur_kernel_size(size) == 0 and blurs(size) == [], size
+    assert dogo.blur_kernel_size(224) == 23  # odd, ~10% of the image
+    [(p, blur)] = blurs(224)
+    assert p == 0.5 and list(blur.kernel_size) == [23, 23] and list(blur.sigma) == [0.1, 2.0]
 
 
 def test_missing_data_is_one_clear_error(tmp_path):
@@ -994,23 +999,27 @@ def sharpness(images):
     return lap.pow(2).mean((1, 2)) / g.var((1, 2)).clamp_min(1e-8)
 
 
-def test_blur_matches_torchvision():
+@pytest.mark.parametrize("kernel", [7, 23])  # 23: the kernel at 224 px, tried on small images (cheaper)
+def test_blur_matches_torchvision(kernel):
     noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(5))
-    cpu = run_cpu(v2.RandomApply([v2.GaussianBlur(7, sigma=(0.1, 2.0))], p=0.5), noise)
-    ours = run_batched(_random_blur, noise, kernel_size=7)
+    cpu = run_cpu(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.5), noise)
+    ours = run_batched(_random_blur, noise, kernel_size=kernel)
     assert_same_distribution(sharpness(cpu), sharpness(ours), "sharpness after blur")
     # Bimodal: about half are left alone (or blurred with a tiny sigma), the rest visibly blurred.
     sharp = sharpness(ours) > 0.9 * sharpness(noise[None])
     assert 0.5 < sharp.float().mean() < 0.7
 
 
-def test_full_pipeline_blur_at_64_matches_torchvision():
-    # A 64 px input and output: crops are only enlarged, so torchvision's antialiasing plays no part.
-    squares = (torch.arange(64)[:, None] // 2 + torch.arange(64)[None] // 2) % 2
-    img = (torch.stack([squares * 200, 255 - squares * 180, squares * 90]) + 20).to(torch.uint8)
-    cpu = run_cpu(cpu_pipeline(64), img, n=1000)
-    ours = run_batched(batch_ssl_augmentation, img, n=1000, img_size=64, mean=MEAN, std=STD)
-    assert_same_distribution(sharpness(cpu), sharpness(ours), "sharpness of full pipeline at 64 px")
+def test_batched_pipeline_blurs_at_224_px_only_with_the_per_image_kernel(monkeypatch):
+    """As the per-image pipeline (test_blur_only_at_224_px_as_the_authors): _random_blur, whose draws
+    test_blur_matches_torchvision checks, with the 23 px kernel at 224 px and nowhere else. A KS test of
+    the whole pipeline at 224 px would take many seconds."""
+    kernels, blur = [], dogo._random_blur
+    monkeypatch.setattr(dogo, "_random_blur", lambda x, k, **kw: kernels.append(k) or blur(x, k, **kw))
+    for size in (32, 64, 96, 224):
+        out = run_batched(batch_ssl_augmentation, torch.rand(3, 20, 24), n=2, img_size=size, mean=MEAN, std=STD)
+        assert out.shape == (2, 3, size, size)
+    assert kernels == [23]
 
 
 # ---- per-image draws, reproducibility, sanity ----------------------------------------------------

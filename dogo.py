@@ -118,7 +118,7 @@ def check_config(cfg):
 
 # ---- Data and augmentations --------------------------------------------------------------------
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
-    """The raw (image, label) dataset of a split: 'ssl' (STL-10 adds its unlabeled images), 'train' or 'test'."""
+    """The raw (image, label) dataset of a split: 'ssl' (STL-10: its unlabeled split alone), 'train' or 'test'."""
     train = split != "test"
     if name == "synthetic":  # made in memory: see the plumbing at the end of this file
         return SyntheticShapes(synthetic_size if train else max(synthetic_size // 4, 10), img_size, train=train)
@@ -126,7 +126,7 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
         if name in ("cifar10", "cifar100"):
             return getattr(torchvision.datasets, name.upper())(data_dir, train=train, download=True)
         if name == "stl10":
-            stl_split = {"ssl": "train+unlabeled", "train": "train", "test": "test"}[split]
+            stl_split = {"ssl": "unlabeled", "train": "train", "test": "test"}[split]
             return torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
         folders = [os.path.join(data_dir, f) for f in (["train"] if train else ["test", "val"])]
         if not any(map(os.path.isdir, folders)):

@@ -257,6 +257,11 @@ def test_blur_only_at_224_px_as_the_authors():
     assert p == 0.5 and list(blur.kernel_size) == [23, 23] and list(blur.sigma) == [0.1, 2.0]
 
 
+def test_stl10_trains_on_its_unlabeled_split_alone(monkeypatch):
+    monkeypatch.setattr(dogo.torchvision.datasets, "STL10", lambda root, split, download: split)
+    assert [dogo.load_dataset("stl10", "data", s) for s in ("ssl", "train", "test")] == ["unlabeled", "train", "test"]
+
+
 def test_missing_data_is_one_clear_error(tmp_path):
     with pytest.raises(dogo.UsageError, match="--data-dir.*--dataset synthetic"):
         dogo.load_dataset("imagefolder", str(tmp_path), "ssl")

@@ -140,8 +140,8 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
                          f"put the data there, or run offline with --dataset synthetic") from None
 
 
-CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8  # SimCLR's (Chen et al. 2020, Appendix A)
-P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
+CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8  # SimCLR's ImageNet jitter (strength 1,
+P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)  # Chen et al. 2020, App. A; CIFAR: 0.5), the authors' at all sizes
 
 
 def blur_kernel_size(img_size):

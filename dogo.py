@@ -638,8 +638,8 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may share or reuse the incoming
+        dist.all_reduce(grad)                                     # gradient elsewhere: reduce a copy, in place
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 

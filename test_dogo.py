@@ -732,13 +732,24 @@ def weight_gradients(cfg, student, peer, views, wrap=lambda net: net):
     return [p.grad for n in (student, peer) for p in n.parameters()]
 
 
+def _incoming_gradient_after_gather_backward(x):
+    """The gradient that reaches gather's backward, before and after it: autograd hands the same tensor
+    on to every input of an addition, here to gather and to the leaf `other` (a shared gradient)."""
+    other = torch.zeros(2 * len(x), x.shape[1], requires_grad=True)
+    incoming = torch.arange(float(other.numel())).view_as(other)
+    before = incoming.clone()
+    (dogo.gather(x.clone().requires_grad_()) + other).backward(incoming)
+    return before, incoming, other.grad
+
+
 def _each_process_with_its_half_of_the_batch(rank, projections, views, out):
-    """Both checks in one pair of processes: starting them is the slow part."""
+    """All checks in one pair of processes: starting them is the slow part."""
     mine = [x.chunk(2)[rank].clone().requires_grad_() for x in projections]
     losses = {name: value_and_gradients(lambda *z: loss(*map(dogo.gather, z)), mine)  # as ssl_loss does
               for name, loss in LOSSES.items()}
     gradients = weight_gradients(*fixed_pair(), views.chunk(2)[rank], torch.nn.parallel.DistributedDataParallel)
-    torch.save({"losses": losses, "gradients": gradients}, f"{out}/{rank}.pt")
+    shared = _incoming_gradient_after_gather_backward(mine[0].detach())
+    torch.save({"losses": losses, "gradients": gradients, "shared": shared}, f"{out}/{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -771,6 +782,14 @@ def test_distributed_train_step_gives_the_weights_the_whole_batch_s_gradient(two
     expected = weight_gradients(*fixed_pair(), views)
     for got in results:
         assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-6) for g, e in zip(got["gradients"], expected))
+
+
+def test_distributed_gather_backward_leaves_a_shared_incoming_gradient_as_it_was(two_processes):
+    """An all-reduce of the incoming gradient in place would double the caller's tensor (both processes hold the
+    same one), which autograd also hands to `other`: both must keep the values the caller gave."""
+    for got in two_processes[2]:
+        before, after, other = got["shared"]
+        assert torch.equal(after, before) and torch.equal(other, before)
 
 
 def test_distributed_order_splits_each_global_batch_between_the_processes():

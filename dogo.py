@@ -129,7 +129,7 @@ def check_config(cfg):
 
 # ---- Data and augmentations --------------------------------------------------------------------
 def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
-    """The raw (image, label) dataset of a split: 'ssl' (STL-10 adds its unlabeled images), 'train' or 'test'."""
+    """The raw (image, label) dataset of a split: 'ssl' (STL-10: its unlabeled split alone), 'train' or 'test'."""
     train = split != "test"
     if name == "synthetic":  # made in memory: see the plumbing at the end of this file
         return SyntheticShapes(synthetic_size if train else max(synthetic_size // 4, 10), img_size, train=train)
@@ -137,7 +137,7 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
         if name in ("cifar10", "cifar100"):
             return getattr(torchvision.datasets, name.upper())(data_dir, train=train, download=True)
         if name == "stl10":
-            stl_split = {"ssl": "train+unlabeled", "train": "train", "test": "test"}[split]
+            stl_split = {"ssl": "unlabeled", "train": "train", "test": "test"}[split]
             return torchvision.datasets.STL10(data_dir, split=stl_split, download=True)
         folders = [os.path.join(data_dir, f) for f in (["train"] if train else ["test", "val"])]
         if not any(map(os.path.isdir, folders)):
@@ -151,13 +151,13 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
                          f"put the data there, or run offline with --dataset synthetic") from None
 
 
-CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8  # SimCLR's (Chen et al. 2020, Appendix A)
-P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)
+CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8  # SimCLR's ImageNet jitter (strength 1,
+P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)  # Chen et al. 2020, App. A; CIFAR: 0.5), the authors' at all sizes
 
 
 def blur_kernel_size(img_size):
-    """Odd, ~10% of the image; 0 below 64 px, where blur would wipe out the detail (SimCLR skips it on CIFAR)."""
-    return int(0.1 * img_size) // 2 * 2 + 1 if img_size >= 64 else 0
+    """Odd, ~10% of the image (23 at 224 px); 0 at any other size: the authors blur at exactly 224 px only."""
+    return int(0.1 * img_size) // 2 * 2 + 1 if img_size == 224 else 0
 
 
 def ssl_augmentation(img_size, dataset):
@@ -350,8 +350,8 @@ class NonFiniteLoss(Exception):
 
 
 def ssl_loss(net, x1, x2, temperature, amp=False):
-    """One network on its two views -> (SSL loss, the two (N, d) matrices its KL term compares: SimCLR's two
-    projections, or SimSiam's prediction of view 1 and projection of view 2, the pair it aligns). amp: bf16."""
+    """One network on its two views -> (SSL loss, its (N, d) outputs: SimCLR's projections (z1, z2), SimSiam's
+    predictions and projections (p1, p2, z1, z2); [:2] its own similarities, [-2:] its projections). amp: bf16."""
     x = torch.cat([x1, x2])
     if x.is_cuda:  # the networks are stored channels-last on GPUs, the faster layout for cuDNN
         x = x.contiguous(memory_format=torch.channels_last)
@@ -363,20 +363,20 @@ def ssl_loss(net, x1, x2, temperature, amp=False):
     if p is None:
         return nt_xent(z1, z2, temperature), (z1, z2)
     p1, p2 = (gather(t) for t in p.float().chunk(2))
-    return simsiam_loss(p1, p2, z1, z2), (p1, z2)
+    return simsiam_loss(p1, p2, z1, z2), (p1, p2, z1, z2)
 
 
 def train_step(student, peer, optimizers, views, cfg):
     """One DoGo step on views (B, 4 or 2, C, H, W): 0-1 the student's, 2-3 the peer's -> its loss terms as device
     tensors: reading a value would make the host wait for the device, so the loop reads them once an interval."""
     amp = views.is_cuda if cfg.amp is None else cfg.amp
-    ssl, (s1, s2) = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
+    ssl, s = ssl_loss(student, views[:, 0], views[:, 1], cfg.temperature, amp)
     terms, loss = {"ssl": ssl}, ssl
-    if peer is not None:
-        ssl_peer, (q1, q2) = ssl_loss(peer, views[:, 2], views[:, 3], cfg.temperature, amp)
-        terms["kl"] = dogo_kl(s1, s2, q1, q2, cfg.kd_temperature)       # the student learns from its peer
+    if peer is not None:  # KL targets as the authors': the peer's [:2]; for a SimSiam network, the peer's [-2:]
+        ssl_peer, q = ssl_loss(peer, views[:, 2], views[:, 3], cfg.temperature, amp)
+        terms["kl"] = dogo_kl(*s[:2], *(q[-2:] if len(s) == 4 else q[:2]), cfg.kd_temperature)  # student
         terms["ssl_peer"] = ssl_peer
-        terms["kl_peer"] = dogo_kl(q1, q2, s1, s2, cfg.kd_temperature)  # and the peer from the student
+        terms["kl_peer"] = dogo_kl(*q[:2], *(s[-2:] if len(q) == 4 else s[:2]), cfg.kd_temperature)  # peer
         loss = loss + cfg.kd_weight * terms["kl"] + ssl_peer + cfg.peer_kd_weight * terms["kl_peer"]
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
@@ -734,8 +734,8 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
+        grad = grad.clone(memory_format=torch.contiguous_format)  # autograd may share or reuse the incoming
+        dist.all_reduce(grad)                                     # gradient elsewhere: reduce a copy, in place
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 

@@ -457,7 +457,8 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
         say(f"stopped by {signals.name} at step {step}: saved {ckpt_path}; continue with python dogo.py --resume "
             f"{ckpt_path}")
         sys.exit(128 + signals.signum)
-    say(f"done: {ckpt_path}, {csv_path}, {png_path}; {log.steady()}")
+    speed = f"{log.steady_speed():.1f} img/s after the first step" if log.steady_speed() else "too short for a speed"
+    say(f"done: {ckpt_path}, {csv_path}, {png_path}; {speed}")
     return student, peer
 
 
@@ -495,7 +496,7 @@ def main(argv=None):
         print(f"dogo.py: error: {last_line(err)}{kept}", file=sys.stderr)
         sys.exit(1 if isinstance(err, NonFiniteLoss) else 2)
     except KeyboardInterrupt as err:  # a second stop request in the loop, or one outside it
-        signum = getattr(err, "signum", signal.SIGINT)
+        signum = err.args[0] if err.args else signal.SIGINT  # Python's own Ctrl-C has no number
         print(f"dogo.py: stopped by {signal.Signals(signum).name} without saving{kept_checkpoint(cfg)}", file=sys.stderr)
         sys.exit(128 + signum)
     finally:
@@ -534,8 +535,8 @@ def parse_flags(config_class, argv=None, prog="dogo.py", description=None):
 # ---- Checkpoints: written whole or not at all, checked completely before anything uses them -----
 @contextlib.contextmanager
 def atomic_file(path):
-    """A binary file to write that replaces `path` only once it is whole. A write that fails, whatever raises it
-    (torch reports a full disk as RuntimeError), keeps the previous file, leaves no temporary one, ends in one line."""
+    """A binary file that replaces `path` once it is whole. A write that fails, whatever raises it (torch reports a
+    full disk as RuntimeError), keeps the previous file, leaves no temporary one and ends in one line."""
     try:
         with open(path + ".tmp", "wb") as f:
             yield f
@@ -544,8 +545,8 @@ def atomic_file(path):
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
         reason = getattr(err, "strerror", None) or "the write failed: is the disk full?"  # torch's says less
-        raise UsageError(f"cannot save {path} ({reason}); the previous one is left as it was: "
-                         f"free some space, or give another folder") from None
+        raise UsageError(f"cannot save {path} ({reason}); the previous one is left as it was: free some space, "
+                         f"or give another folder") from None
 
 
 def ran_on(device):
@@ -567,8 +568,8 @@ def save_checkpoint(path, cfg, step, student, peer, optimizers):
 
 def load_checkpoint(path, flag="--resume", resume=True):
     """(checkpoint, its Config, SHA-256 of the bytes read) of a file that save_checkpoint wrote, read once without
-    executing any code it may hold, and checked for all its caller needs: its config's types and values, every
-    weight's shape against the network it will load into, with resume the optimiser and RNG states too."""
+    running any code it may hold, and checked for all that its caller needs: the config's types and values, every
+    weight's shape against the network it will load into, to resume the optimiser and RNG states too."""
     def refuse(problem):
         return UsageError(f"{flag} {path}: {problem}; give a checkpoint.pt that dogo.py wrote")
     try:
@@ -583,58 +584,49 @@ def load_checkpoint(path, flag="--resume", resume=True):
         raise refuse("not a dogo.py checkpoint (it has no config)")
     if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
         raise refuse(f"its step is {ckpt.get('step')!r}, not a number of steps")
-    cfg = config_from_checkpoint(ckpt, refuse)
+    cfg = config_from_checkpoint(ckpt["config"], refuse)
     with torch.device("meta"):  # shapes without memory or time
         networks = dict(zip(("student", "peer"), build_networks(cfg)))
     for name, net in networks.items():
         if (net is None) != (ckpt.get(name) is None):
-            raise refuse(f"its {name} weights {'are missing' if net else 'are there'}, its config says --peer {cfg.peer}")
+            raise refuse(f"its {name} weights are {'missing' if net else 'there'}, its config says --peer {cfg.peer}")
         if net is not None:
-            check_tensors(ckpt[name], net.state_dict(), f"its {name} weights do not fit a {net.arch}", refuse)
-        if net is not None and resume:
-            check_adam(ckpt.get(name + "_opt"), list(net.parameters()), f"its {name} optimiser state", refuse)
+            check_shapes(ckpt[name], net.state_dict(), f"its {name} weights do not fit a {net.arch}", refuse)
+        if net is not None and resume:  # Adam's moments, one of each per parameter
+            saved, params = ckpt.get(name + "_opt"), list(net.parameters())
+            groups = saved.get("param_groups") if isinstance(saved, dict) else None
+            if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and
+                    groups[0].get("params") == list(range(len(params))) and isinstance(saved.get("state"), dict)):
+                raise refuse(f"its {name} optimiser state is missing or not that of its parameters")
+            check_shapes({f"{i} {k}": v for i, s in saved["state"].items() if isinstance(s, dict) for k, v in s.items()
+                          if k != "step"}, {f"{i} {k}": p for i, p in enumerate(params) for k in ("exp_avg",
+                          "exp_avg_sq")}, f"its {name} optimiser state does not fit", refuse)
     if resume and not isinstance(ckpt.get("rng_cpu"), torch.Tensor):
         raise refuse("it has no random number generator state to resume with")
     return ckpt, cfg, hashlib.sha256(data).hexdigest()
 
 
-def check_tensors(saved, expected, what, refuse):
+def check_shapes(saved, expected, what, refuse):
     """Refuse unless saved ({name: tensor}) has exactly expected's names and shapes."""
     if not isinstance(saved, dict) or saved.keys() != expected.keys():
-        raise refuse(f"{what} (other tensor names)")
+        raise refuse(f"{what} (other tensors)")
     for key, tensor in expected.items():
         if not isinstance(saved[key], torch.Tensor) or saved[key].shape != tensor.shape:
-            got = tuple(saved[key].shape) if isinstance(saved[key], torch.Tensor) else type(saved[key]).__name__
-            raise refuse(f"{what}: {key} is {got}, not {tuple(tensor.shape)}")
+            raise refuse(f"{what}: {key} is {getattr(saved[key], 'shape', saved[key])!r}, not {tensor.shape}")
 
 
-def check_adam(saved, params, what, refuse):
-    """Refuse unless saved is an Adam state_dict of one group over exactly these parameters."""
-    groups = saved.get("param_groups") if isinstance(saved, dict) else None
-    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
-            and groups[0].get("params") == list(range(len(params))) and isinstance(saved.get("state"), dict)):
-        raise refuse(f"{what} is missing or not that of its network's parameters")
-    for i, state in saved["state"].items():
-        shapes = [state.get(k).shape for k in ("exp_avg", "exp_avg_sq") if isinstance(state, dict)
-                  and isinstance(state.get(k), torch.Tensor)] if i in range(len(params)) else []
-        if shapes != [params[i].shape] * 2:
-            raise refuse(f"{what} does not fit parameter {i}")
-
-
-def config_from_checkpoint(ckpt, refuse):
-    """The Config a checkpoint was trained with, each value checked for its field's type and bounds (fields unknown
-    to this version are dropped, fields it lacks take their defaults)."""
+def config_from_checkpoint(config, refuse):
+    """The Config of a checkpoint, each value checked for its field's type and bounds; fields unknown to this
+    version are dropped (--benchmark, say), fields it lacks take their defaults."""
     fields, values = {f.name: f for f in dataclasses.fields(Config)}, {}
-    for name, value in ckpt["config"].items():
-        f = fields.get(name)
-        if f is None:
-            continue
-        kinds = (int, float) if f.type is float else f.type  # an int is a float too, a bool is no int
-        fits = (value is None and f.default is None) or (isinstance(value, kinds) and
-                                                          (f.type is bool or not isinstance(value, bool)))
-        if not fits or (f.metadata["choices"] and value not in f.metadata["choices"]):
-            raise refuse(f"its config has {name} = {value!r}")
-        values[name] = value
+    for name, value in config.items():
+        if name in fields:
+            f = fields[name]
+            fits = isinstance(value, (int, float) if f.type is float else f.type) and (
+                f.type is bool or not isinstance(value, bool))  # an int is a float too, a bool no int
+            if not (fits or value is None is f.default) or value not in (f.metadata["choices"] or (value,)):
+                raise refuse(f"its config has {name} = {value!r}")
+            values[name] = value
     try:
         return check_config(Config(**values))
     except UsageError as err:
@@ -644,20 +636,20 @@ def config_from_checkpoint(ckpt, refuse):
 def resolve_config(cfg, given=frozenset()):
     """(the config to run, the checkpoint to resume or None). `given`: the command line's flags, which with
     --resume override the checkpoint's config, except FIXED_ON_RESUME, which must agree; MACHINE is never taken
-    from the checkpoint. The out-dir is the checkpoint's folder unless --out-dir says otherwise."""
+    from the checkpoint. A resumed run's out-dir is its checkpoint's folder unless --out-dir says otherwise."""
     cfg = dataclasses.replace(check_config(cfg), img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
-    default_out_dir = os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
+    cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
     if cfg.resume == "auto":  # the same command starts a run, then continues it each time a job is requeued
-        auto = os.path.join(cfg.out_dir or default_out_dir, "checkpoint.pt")
+        auto = os.path.join(cfg.out_dir, OUTPUTS[0])
         cfg.resume = auto if os.path.exists(auto) else ""
     if not cfg.resume:
-        return dataclasses.replace(cfg, out_dir=cfg.out_dir or default_out_dir), None
+        return cfg, None
     ckpt, saved, _ = load_checkpoint(cfg.resume)
     for name in FIXED_ON_RESUME:
         if name in given and getattr(cfg, name) != getattr(saved, name):
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
                              f"{getattr(saved, name)}; drop the flag to resume, or start a new run without --resume")
-    kept = {k: getattr(cfg, k) for k in set(given) | set(MACHINE) | {"resume"} if k not in FIXED_ON_RESUME}
+    kept = {k: getattr(cfg, k) for k in {*given, *MACHINE, "resume", "out_dir"} if k not in FIXED_ON_RESUME}
     cfg = dataclasses.replace(saved, **kept)
     cfg.out_dir = cfg.out_dir if "out_dir" in given else os.path.dirname(os.path.abspath(cfg.resume))
     return cfg, ckpt
@@ -778,8 +770,8 @@ def make_loader(data, cfg, device, rank=0, world=1, step=0):
                       worker_init_fn=ignore_stop_signals)
 
 
-# ---- Stop requests: Ctrl-C, and the signals of schedulers and closed terminals -----------------
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGTERM: what a scheduler sends before it kills
+# ---- Stop requests: Ctrl-C, a scheduler's SIGTERM, a closed terminal's SIGHUP ---------------------
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def ignore_stop_signals(worker_id):
@@ -787,21 +779,12 @@ def ignore_stop_signals(worker_id):
         signal.signal(s, signal.SIG_IGN)
 
 
-class Stopped(KeyboardInterrupt):
-    """A stop request that could not wait for the end of a step; signum: the signal."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def stop_at_once(signum, _):
-    raise Stopped(signum)
+def stop_at_once(signum, _):  # a stop request that cannot wait for the end of a step
+    raise KeyboardInterrupt(signum)
 
 
 class StopOnSignal:
-    """A first stop request (STOP_SIGNALS) is noted, for the loop to save and stop; a second one aborts at once.
-    quiet: no message (processes other than 0)."""
+    """A first stop request is noted, for the loop to save and stop; a second one aborts. quiet: for ranks > 0."""
 
     def __init__(self, quiet=False):
         self.quiet, self.signum = quiet, 0
@@ -821,38 +804,32 @@ class StopOnSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    @property
-    def requested(self):
-        return self.signum != 0
-
-    @property
-    def name(self):
-        return signal.Signals(self.signum or signal.SIGINT).name
+    requested = property(lambda self: self.signum != 0)
+    name = property(lambda self: signal.Signals(self.signum or signal.SIGINT).name)
 
 
 def kept_checkpoint(cfg):
     """What a run that ends in an error leaves: its out-dir's checkpoint, if there is one."""
-    path = cfg and os.path.join(cfg.out_dir, OUTPUTS[0])
+    path = cfg and cfg.out_dir and os.path.join(cfg.out_dir, OUTPUTS[0])
     return f"; {path} is kept as it was" if path and os.path.isfile(path) else "; no checkpoint was saved"
 
 
 def last_line(err):
     """The line of an error to show: a loader worker's error arrives as its whole traceback, ending in its own."""
-    line = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    line = (str(err).strip() or type(err).__name__).splitlines()[-1]
     return line.split(": ", 1)[-1] if str(err).startswith("Caught ") else line
 
 
 # ---- The output folder -------------------------------------------------------------------------
 @contextlib.contextmanager
 def claim_out_dir(path, resume=""):
-    """Make --out-dir, check that it takes every output, and hold it for this run: a lock file with the process id;
-    another run there ends with one line, and a lock whose process has ended is replaced. An earlier run's
+    """Make --out-dir, check that it takes every output, and hold it for this run: a lock file with the process
+    id; another run there ends in one line, a lock whose process has ended is replaced. An earlier run's
     checkpoint there is never replaced, except by the run that resumes it."""
     try:
         os.makedirs(path, exist_ok=True)
-        for name in OUTPUTS:  # the very names that the saves write: a full path too long fails now, not later
-            with open(os.path.join(path, name + ".tmp"), "w"):
-                pass
+        for name in OUTPUTS:  # the very names that saves write: a path too long fails now, not after an epoch
+            open(os.path.join(path, name + ".tmp"), "w").close()
             os.remove(os.path.join(path, name + ".tmp"))
     except OSError as err:
         raise UsageError(f"--out-dir {path}: cannot write there ({err.strerror or err}); give another") from None
@@ -889,31 +866,25 @@ def claim_out_dir(path, resume=""):
 
 # ---- Progress: the losses, the speed and what bounds it, the kNN figures; metrics.csv and its plot
 class Progress:
-    """The --log-every intervals of a run. The loss terms stay on the device until the interval ends, when they are
-    read at once; a line and a row of metrics.csv then give their means, the speed and data_wait, the share of the
-    interval spent waiting for the next batch (near 0: the device bounds the run; near 1, the loader)."""
+    """The --log-every intervals of a run. The loss terms stay on the device until the interval ends and are then
+    read at once; a line and a row of metrics.csv give their means, images_per_s and data_wait: the share of the
+    interval spent waiting for the next batch (near 0, the device bounds the run; near 1, the loader)."""
 
     def __init__(self, csv_path, cfg, step, total_steps, steps_per_epoch, device, rank=0):
-        self.csv_path, self.cfg, self.total_steps, self.device, self.rank = csv_path, cfg, total_steps, device, rank
-        self.steps_per_epoch = steps_per_epoch
-        self.rows = read_metrics(csv_path, step) if step and rank == 0 else []
-        self.start, self.interval, self.waited, self.elapsed, self.tick = step, [], 0.0, 0.0, time.perf_counter()
-        self.steady_images, self.steady_seconds = 0, 0.0  # after this start's first interval, which holds the warm-up
+        self.csv_path, self.cfg, self.steps, self.device, self.rank = csv_path, cfg, (step, total_steps), device, rank
+        self.steps_per_epoch, self.rows = steps_per_epoch, read_metrics(csv_path, step) if step and rank == 0 else []
+        self.interval, self.waited, self.elapsed, self.tick = [], 0.0, 0.0, time.perf_counter()
+        self.steady = [0, 0.0]  # images and seconds after this start's first interval, which holds the warm-up
 
-    def timed(self, batches):
-        """The batches, each one's wait added to the interval's."""
-        batches = iter(batches)
-        while True:
-            tick = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                return
+    def timed(self, batches):  # the batches, each one's wait added to the interval's
+        batches, tick = iter(batches), time.perf_counter()
+        for batch in batches:
             self.waited += time.perf_counter() - tick
             yield batch
+            tick = time.perf_counter()
 
     @contextlib.contextmanager
-    def paused(self):
-        """Time spent in the block counts in no figure."""
+    def paused(self):  # what runs in the block (saves, the kNN monitor) counts in no figure
         self.elapsed += time.perf_counter() - self.tick
         yield
         self.tick = time.perf_counter()
@@ -925,17 +896,16 @@ class Progress:
             dist.all_reduce(requested, op=dist.ReduceOp.MAX)
         sums = torch.stack([torch.stack(list(terms.values())) for terms in self.interval]).sum(0)
         *sums, stop = torch.cat([sums.float(), requested]).tolist()  # the interval's one read of device values
-        steps, first = len(self.interval), step - len(self.interval) + 1
-        means = {k: s / steps for k, s in zip(self.interval[0], sums)}
+        n, first = len(self.interval), step - len(self.interval) + 1
+        means = {k: s / n for k, s in zip(self.interval[0], sums)}
         if not all(map(math.isfinite, means.values())):
             values = ", ".join(f"{k} {v:.4g}" for k, v in means.items())
             raise NonFiniteLoss(f"a loss is not finite in steps {first}-{step} ({values}); stopped, dropping the "
                                 f"weights since the last save; {likely_cause(self.cfg)}{kept_checkpoint(self.cfg)}")
         self.elapsed += time.perf_counter() - self.tick
-        speed = steps * self.cfg.batch_size / self.elapsed
-        if first > self.start + 1:
-            self.steady_images, self.steady_seconds = self.steady_images + steps * self.cfg.batch_size, \
-                self.steady_seconds + self.elapsed
+        speed = n * self.cfg.batch_size / self.elapsed
+        if first > self.steps[0] + 1:
+            self.steady = [self.steady[0] + n * self.cfg.batch_size, self.steady[1] + self.elapsed]
         row = {"epoch": (step - 1) // self.steps_per_epoch + 1, "step": step, **means, "images_per_s": speed,
                "data_wait": self.waited / self.elapsed}
         if self.device.type == "cuda":
@@ -943,43 +913,37 @@ class Progress:
         if self.rank == 0:
             self.rows.append(row)
             self.save()
-            eta = (self.total_steps - step) * self.cfg.batch_size / (self.steady_speed() or speed)
-            memory = f", GPU memory {row['gpu_mem_gb']:.1f} GB" if "gpu_mem_gb" in row else ""
-            print(f"epoch {row['epoch']}/{self.cfg.epochs} step {step}/{self.total_steps} | "
-                  + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                  + f" | {speed:.1f} img/s, data wait {row['data_wait']:.2f}{memory} | eta "
-                  f"{eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
+            eta = (self.steps[1] - step) * self.cfg.batch_size / (self.steady_speed() or speed)
+            memory = f", {row['gpu_mem_gb']:.1f} GB on the GPU" if "gpu_mem_gb" in row else ""
+            print(f"epoch {row['epoch']}/{self.cfg.epochs} step {step}/{self.steps[1]} | "
+                  + " ".join(f"{k} {v:.4f}" for k, v in means.items()) + f" | {speed:.1f} img/s, data wait "
+                  f"{row['data_wait']:.2f}{memory} | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
         self.interval, self.waited, self.elapsed, self.tick = [], 0.0, 0.0, time.perf_counter()
         return bool(stop)
 
     def record(self, figures):
-        """Add figures ({column: value}) to the last row: the kNN monitor's, at the end of a measured epoch."""
+        """The kNN monitor's figures ({column: percent}), on the last row: that of the interval ending an epoch."""
         self.rows[-1].update(figures)
         self.save()
-        print(f"kNN top-1 at step {self.rows[-1]['step']}: "
-              + ", ".join(f"{'peer' if k.endswith('peer') else 'student'} {v:.2f}%" for k, v in figures.items()), flush=True)
+        print(f"kNN top-1 at step {self.rows[-1]['step']}: " + ", ".join(
+            f"{'peer' if k.endswith('peer') else 'student'} {v:.2f}%" for k, v in figures.items()), flush=True)
 
     def save(self):
-        """metrics.csv: one header, the union of its rows' columns (a resume may add some), missing values empty."""
-        columns = list(dict.fromkeys(k for row in self.rows for k in row))
+        """metrics.csv: one header, the union of the rows' columns (a resume may add some), missing values empty."""
         text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=columns, restval="")
+        writer = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for row in self.rows for k in row)), restval="")
         writer.writeheader()
         writer.writerows(self.rows)
         with atomic_file(self.csv_path) as f:
             f.write(text.getvalue().encode())
 
     def steady_speed(self):
-        return self.steady_images / self.steady_seconds if self.steady_seconds else 0.0
-
-    def steady(self):
-        """The speed of this start after its first interval, for the last line."""
-        speed = self.steady_speed()
-        return f"{speed:.1f} img/s after the first step" if speed else "too short for a steady speed"
+        """Images/s of this start after its first interval, whose time holds the warm-up (0: too short to say)."""
+        return self.steady[0] / self.steady[1] if self.steady[1] else 0.0
 
 
 def read_metrics(path, step):
-    """The rows of metrics.csv up to `step`: a resume drops those of steps that a crash lost. An edited file is
+    """The rows of metrics.csv up to `step` (a resume drops those of steps a crash lost); an edited file is
     refused, never silently rewritten."""
     if not os.path.exists(path):
         return []
@@ -995,29 +959,28 @@ LOSS_NAMES = {"simclr": "NT-Xent", "simsiam": "SimSiam loss"}
 
 
 def describe(cfg):
-    """The two networks and their losses, e.g. 'resnet18 (NT-Xent) + peer resnet50 (NT-Xent)'."""
+    """The networks and their losses, e.g. 'resnet18 (NT-Xent) + peer resnet50 (NT-Xent)'."""
     peer = f"peer {cfg.peer} ({LOSS_NAMES[cfg.peer_objective or cfg.objective]})" if cfg.peer != "none" else "no peer"
     return f"{cfg.arch} ({LOSS_NAMES[cfg.objective]}) + {peer}"
 
 
 def plot_losses(rows, png_path, cfg):
-    """losses.png from the rows of metrics.csv: the SSL terms, the KL terms with a peer, the kNN figures if any."""
+    """losses.png from the rows of metrics.csv: the SSL terms; the KL terms with a peer; the kNN figures, if any."""
     from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebooks alone
     series = lambda key: [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
     panels = [(title, keys) for title, keys in (("SSL loss", ("ssl", "ssl_peer")), ("KL to the peer", ("kl", "kl_peer")),
                                                 ("kNN top-1 (%)", ("knn", "knn_peer"))) if series(keys[0])]
-    if not panels:
-        return
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
-    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0] if panels else [], panels):
         for key, who, objective in zip(keys, ("student", "peer"), (cfg.objective, cfg.peer_objective or cfg.objective)):
+            label = f"{who} ({LOSS_NAMES[objective]})" if key.startswith("ssl") else who
             if series(key):
-                label = f"{who} ({LOSS_NAMES[objective]})" if title == "SSL loss" else who
                 ax.plot(*zip(*series(key)), label=label, marker="o" if len(series(key)) < 30 else None)
-        ax.set(title=title, xlabel="step", ylabel="top-1 (%)" if "kNN" in title else "loss")
+        ax.set(title=title, xlabel="step", ylabel="top-1 (%)" if key.startswith("knn") else "loss")
         ax.legend()
-    with atomic_file(png_path) as f:
-        fig.savefig(f, format="png")
+    if panels:
+        with atomic_file(png_path) as f:
+            fig.savefig(f, format="png")
 
 
 # ---- The kNN monitor: the representation's quality while it trains -------------------------------
@@ -1031,18 +994,15 @@ def dataset_labels(base):
 
 @torch.no_grad()
 def knn_scores(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1):
-    r"""Weighted k-nearest-neighbour class scores (Wu et al. 2018, instance discrimination), which many SSL papers
-    report. N_k(x): the k training features most cosine-similar to x (k capped by the training-set size).
+    r"""Weighted k-nearest-neighbour class scores (Wu et al. 2018), which many SSL papers report; N_k(x): the k
+    training features most cosine-similar to x (k at most the training-set size). Returns (N_test, num_classes).
 
-    .. math::  \mathrm{score}_c(x) = \sum_{i \in \mathcal{N}_k(x)} [y_i = c] \, \exp(\cos(x, x_i) / t)
-
-    Returns (N_test, num_classes); the prediction is the arg-max."""
-    k = min(k, len(train_labels))
+    .. math::  \mathrm{score}_c(x) = \sum_{i \in \mathcal{N}_k(x)} [y_i = c] \, \exp(\cos(x, x_i) / t)"""
     train = F.normalize(train_features, dim=1)                          # (N_train, D)
     labels = torch.as_tensor(np.asarray(train_labels, dtype=np.int64), device=train.device)
     scores = []
     for test in F.normalize(test_features, dim=1).split(256):          # (B, D): memory B * N_train
-        similarity, neighbours = (test @ train.T).topk(k, dim=1)        # (B, k)
+        similarity, neighbours = (test @ train.T).topk(min(k, len(labels)), dim=1)  # (B, k)
         votes = torch.zeros(len(test), num_classes, device=test.device)
         scores.append(votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp()))
     return torch.cat(scores)
@@ -1055,45 +1015,37 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     return 100.0 * (scores.argmax(dim=1) == labels).sum().item() / len(labels)
 
 
-def stratified(labels, count):
-    """`count` positions in labels, each class its share of them: the same every time (a seeded NumPy draw)."""
-    if count >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(0)
-    return np.sort(np.concatenate([rng.permutation(members)[:round(count * len(members) / len(labels))]
-                                   for members in (np.flatnonzero(labels == c) for c in np.unique(labels))]))
-
-
 class KnnMonitor:
-    """kNN top-1 of each network's encoder features in eval mode, float32: a bank of up to --knn-images labelled
-    training images (stratified) against the whole test split. Their images are decoded, sized and kept once;
-    it draws no random number and changes no BatchNorm statistic, so it changes nothing in the run it measures."""
+    """kNN top-1 of each network's encoder features, in eval mode and float32: a bank of up to --knn-images labelled
+    training images (each class its share, the same every time) against the whole test split. Their images are
+    decoded and sized once; it draws no random number and changes no BatchNorm statistic: it changes no weight."""
 
     def __init__(self, cfg, device):
         splits = [load_dataset(cfg.dataset, cfg.data_dir, s, cfg.synthetic_size, cfg.img_size) for s in ("train", "test")]
-        labels = [dataset_labels(split) for split in splits]
-        bank = stratified(labels[0], cfg.knn_images)
+        self.labels = [dataset_labels(split) for split in splits]
+        rng, labels = np.random.default_rng(0), self.labels[0]  # NumPy's own generator, seeded
+        bank = np.arange(len(labels)) if cfg.knn_images >= len(labels) else np.sort(np.concatenate(
+            [rng.permutation(np.flatnonzero(labels == c))[:round(cfg.knn_images * np.mean(labels == c))]
+             for c in np.unique(labels)]))
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
-        loader = functools.partial(DataLoader, batch_size=256, num_workers=cfg.workers or 0,
-                                   generator=torch.Generator())  # its own: no draw from the training's stream
-        self.images = [torch.cat([x[:, 0] for x, _ in loader(AugmentedImages(torch.utils.data.Subset(split, chosen),
-                                                                               sized, 1))]).to(device)
-                       for split, chosen in zip(splits, (bank, range(len(splits[1]))))]  # uint8 (N, 3, S, S)
-        self.labels = [labels[0][bank], labels[1]]
-        self.num_classes = len(getattr(splits[0], "classes", ())) or int(labels[0].max()) + 1
-        self.info = DATASETS[cfg.dataset]
+        self.images = [torch.cat([x[:, 0] for x, _ in DataLoader(  # uint8 (N, 3, S, S); its loader draws from
+            AugmentedImages(torch.utils.data.Subset(split, chosen), sized, 1), batch_size=256,  # its own generator
+            num_workers=cfg.workers or 0, generator=torch.Generator())]).to(device)
+            for split, chosen in zip(splits, (bank, range(len(splits[1]))))]
+        self.labels[0], self.info = labels[bank], DATASETS[cfg.dataset]
+        self.num_classes = len(getattr(splits[0], "classes", ())) or int(labels.max()) + 1
 
     @classmethod
     def of(cls, cfg, device):
         """The monitor, or None: off (--knn-every 0), or an image folder without a test split, said in one line."""
-        folders = [os.path.join(cfg.data_dir, f) for f in ("test", "val")]
-        if cfg.dataset == "imagefolder" and cfg.knn_every and not any(map(os.path.isdir, folders)):
+        if cfg.dataset == "imagefolder" and cfg.knn_every and not any(
+                os.path.isdir(os.path.join(cfg.data_dir, f)) for f in ("test", "val")):
             print(f"note: --data-dir {cfg.data_dir} has no test/ or val/ folder: this run has no kNN monitor")
         elif cfg.knn_every:
             return cls(cfg, device)
 
     @torch.no_grad()
-    def features(self, encoder, images):
+    def features(self, encoder, images):  # uint8 (N, 3, S, S) -> (N, D), normalised as eval_transform does
         x = (v2.functional.normalize(batch.float() / 255, self.info.mean, self.info.std) for batch in images.split(256))
         return torch.cat([encoder(b.contiguous(memory_format=torch.channels_last) if b.is_cuda else b) for b in x])
 
@@ -1102,7 +1054,7 @@ class KnnMonitor:
         figures = {}
         for name, net in zip(("knn", "knn_peer"), networks):
             if net is not None:
-                net.eval()  # BatchNorm's running statistics, left as they are
+                net.eval()  # BatchNorm normalises with its running statistics, and leaves them as they are
                 bank, test = (self.features(net.encoder, images) for images in self.images)
                 net.train()
                 figures[name] = knn_accuracy(bank, self.labels[0], test, self.labels[1], self.num_classes)

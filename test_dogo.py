@@ -4,6 +4,7 @@ Two kinds: the vectorised math against slow, explicit loops, and the real script
 subprocesses on tiny settings (synthetic data, 8 or 16 px, a few steps)."""
 import copy
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -590,6 +591,59 @@ class Exploit:
         return (open, (self.path, "w"))
 
 
+class OpCount(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_all_views_of_a_step_come_from_one_call_of_the_batched_augmentation():
+    """Four views cost the ops of two: one call over the repeated batch, whatever the number of views."""
+    batch = torch.randint(0, 256, (8, 1, 3, 16, 16), dtype=torch.uint8)
+    counts, cfg = [], dogo.Config(dataset="synthetic", img_size=16, gpu_augment=True)
+    dogo.to_views(batch, cfg, torch.device("cpu"))  # makes the constants on the device, once for all calls
+    for peer in ("wrn10_2", "none"):
+        with OpCount() as trace, HostReads() as reads:
+            views = dogo.to_views(batch, dataclasses.replace(cfg, peer=peer), torch.device("cpu"))
+        counts.append(trace.ops)
+        assert reads.reads == [] and views.shape == (8, 4 if peer != "none" else 2, 3, 16, 16)
+    assert counts[0] == counts[1]
+
+
+def test_a_real_run_reads_device_values_once_an_interval_and_once_a_save(tmp_path):
+    """The whole loop of a run (augmentation on the device, 8 steps, intervals at steps 1, 4 and 8, saves at 4 and
+    8), traced: the step, the augmentation and the bookkeeping read no tensor value on the host; the optimiser's
+    CPU step counters and the loader aside, what is read is each save's check of the weights. (The interval's own
+    read, a tolist, happens below the dispatcher on a CPU: the CUDA test below counts it.)"""
+    with HostReads() as reads:
+        dogo.main([*TINY, "--max-steps", "8", "--log-every", "4", "--knn-every", "0", "--gpu-augment",
+                   "--out-dir", str(tmp_path / "run")])
+    loop = reads.outside(OPTIMISER_AND_LOADER + ("load_checkpoint", "make_encoder"))
+    assert all(any("check_outputs" in f for f in stack) for stack in loop), [s[-3:] for s in loop]
+    assert len(loop) == 2 * 2  # two saves, each checking both networks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_steps_never_wait_for_the_device():
+    """A few steps with the device augmentation under CUDA's sync check: any wait for the device raises."""
+    cfg = dogo.resolve_machine(dogo.Config(dataset="synthetic", arch="wrn10_2", peer="wrn10_2", img_size=16,
+                                           batch_size=16, workers=0), torch.device("cuda"), 1)
+    networks = dogo.networks_on(torch.device("cuda"), cfg)
+    optimizers = dogo.build_optimizers(networks, cfg)
+    batch = torch.randint(0, 256, (16, 1, 3, 16, 16), dtype=torch.uint8).pin_memory()
+    dogo.train_step(*networks, optimizers, dogo.to_views(batch, cfg, torch.device("cuda")), cfg)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            dogo.train_step(*networks, optimizers, dogo.to_views(batch, cfg, torch.device("cuda")), cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("peer,n_views", [("resnet18", 4), ("none", 2)])
 def test_gpu_augment_loads_the_image_alone_and_draws_each_view_on_the_device(peer, n_views):
     cfg = dogo.Config(dataset="synthetic", img_size=8, peer=peer, gpu_augment=True)
@@ -633,6 +687,32 @@ def test_compile_wraps_both_networks_and_changes_no_number(monkeypatch):
                       for _ in range(2)])
     for plain, compiled in zip(*terms):
         assert compiled == pytest.approx(plain, rel=1e-5)
+
+
+def png_width(path):
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(24)[16:20], "big")  # IHDR's width, right after the signature
+
+
+@pytest.mark.parametrize("peer,objective,columns,panels", [
+    ("none", "simclr", {"ssl": 1}, 1),                             # no peer: no empty KL panel
+    ("none", "simsiam", {"ssl": 1, "knn": 1}, 2),
+    ("wrn10_2", "simclr", {"ssl": 1, "kl": 1, "ssl_peer": 1, "kl_peer": 1, "knn": 1, "knn_peer": 1}, 3),
+])
+def test_the_plot_has_a_panel_for_what_ran_and_names_each_loss(tmp_path, peer, objective, columns, panels):
+    cfg = dogo.Config(peer=peer, objective=objective)
+    rows = [{"step": s, **{k: ("" if k.startswith("knn") and s == 1 else 1.0 / s) for k in columns}} for s in (1, 2)]
+    dogo.plot_losses(rows, str(tmp_path / "losses.png"), cfg)
+    assert png_width(tmp_path / "losses.png") == 500 * panels  # 5 inches a panel at 100 dpi
+    assert dogo.describe(cfg).startswith(f"resnet18 ({'SimSiam loss' if objective == 'simsiam' else 'NT-Xent'})")
+
+
+def test_an_image_folder_without_a_test_split_trains_without_the_monitor(tmp_path, capsys):
+    root = image_folder(tmp_path / "data")
+    dogo.main([*FOLDER, "--data-dir", str(root), "--out-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert f"--data-dir {root} has no test/ or val/ folder: this run has no kNN monitor" in out
+    assert "knn" not in read_metrics(tmp_path / "run")[0] and "kNN top-1" not in out
 
 
 def test_help_documents_every_flag_with_its_default_and_choices():
@@ -1014,24 +1094,44 @@ def test_distributed_order_splits_each_global_batch_between_the_processes():
             sorted(order[k * 8:(k + 1) * 8])
 
 
-def torchrun(*args):
+def torchrun(*args, env=None):
     """`torchrun --standalone --nproc_per_node=2 dogo.py ...`, the launcher run as a module."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            os.path.join(HERE, "dogo.py"), *args], cwd=HERE, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env={**os.environ, **(env or {})})
 
 
-def test_distributed_torchrun_trains_writes_once_and_resumes(tmp_path):
-    out = str(tmp_path / "run")
-    result = torchrun(*TINY, "--max-steps", "3", "--out-dir", out)
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("torchrun") / "run")
+    return torchrun(*TINY, "--max-steps", "3", "--out-dir", out), out
+
+
+def test_distributed_torchrun_trains_writes_once_and_resumes(torchrun_run):
+    result, out = torchrun_run
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("DoGo:") == 1 and "2 processes on cpu" in result.stdout  # process 0 alone
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "losses.png", "metrics.csv"]
     assert [r["step"] for r in read_metrics(out)] == ["1", "2", "3"]
-    resumed = torchrun("--resume", os.path.join(out, "checkpoint.pt"), "--max-steps", "5")
+    resumed = torchrun("--resume", os.path.join(out, "checkpoint.pt"), "--max-steps", "5", "--workers", "0")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["step"] == 5
     assert [r["step"] for r in read_metrics(out)] == ["1", "2", "3", "4", "5"]
+
+
+def test_distributed_compiled_run_computes_what_the_plain_one_does(torchrun_run, tmp_path):
+    """--compile under torchrun: compiled after the DDP wrap. aot_eager (dynamo's capture and AOTAutograd's
+    graphs without inductor's C++ code generation, minutes on a CPU) chosen through torch's own override."""
+    plain = read_metrics(torchrun_run[1])[:3]
+    out = str(tmp_path / "compiled")
+    result = torchrun(*TINY, "--max-steps", "3", "--compile", "--out-dir", out,
+                      env={"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    compiled = read_metrics(out)
+    assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))[1].compile
+    for a, b in zip(plain, compiled, strict=True):
+        assert [float(b[k]) for k in ("ssl", "kl", "ssl_peer", "kl_peer")] == pytest.approx(
+            [float(a[k]) for k in ("ssl", "kl", "ssl_peer", "kl_peer")], rel=1e-4)
 
 
 def test_world_size_without_torchrun_is_one_line(monkeypatch, capsys):

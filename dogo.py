@@ -28,6 +28,7 @@ import functools
 import hashlib
 import io
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -64,11 +65,9 @@ DATASETS = {"cifar10": DatasetInfo(32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435
             "imagefolder": DatasetInfo(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
             "synthetic": DatasetInfo(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))}
 
-
 def flag(default, help, choices=None):
     """A config field; its help and choices become those of its command-line flag."""
     return dataclasses.field(default=default, metadata=dict(help=help, choices=choices))
-
 
 @dataclasses.dataclass
 class Config:
@@ -103,15 +102,14 @@ class Config:
     amp: bool = flag(None, "bfloat16 autocast for the networks, not the losses; default: on GPUs with native bfloat16")
     compile: bool = flag(False, "torch.compile the networks: a slow first step, faster later ones")
     sync_bn: bool = flag(None, "under torchrun, BatchNorm over the global batch; default: on with GPUs, which it needs")
-    gpu_augment: bool = flag(None, "augment batches on the device, all views in one call; default: on with CUDA")
-
+    gpu_augment: bool = flag(True, "augment whole batches on the training device, all views in one call (faster "
+                             "on GPUs and CPUs); off: per image in the loader workers")
 
 def require(cfg, name, ok, what):
     """Refuse cfg.name unless ok(value), naming its flag and what it takes."""
     value = getattr(cfg, name)
     if not ok(value):
         raise UsageError(f"--{name.replace('_', '-')} must be {what}, got {value}")
-
 
 def check_config(cfg):
     """Refuse the numbers that cannot work (argparse checks types and choices); nan and inf fail every check."""
@@ -150,15 +148,12 @@ def load_dataset(name, data_dir, split, synthetic_size=2000, img_size=32):
         raise UsageError(f"cannot load {name} ({split} split) from --data-dir {data_dir}: {reason}; "
                          f"put the data there, or run offline with --dataset synthetic") from None
 
-
 CROP_SCALE, JITTER, P_JITTER = (0.08, 1.0), (0.8, 0.8, 0.8, 0.2), 0.8  # SimCLR's ImageNet jitter (strength 1,
 P_GRAY, P_BLUR, BLUR_SIGMA = 0.2, 0.5, (0.1, 2.0)  # Chen et al. 2020, App. A; CIFAR: 0.5), the authors' at all sizes
-
 
 def blur_kernel_size(img_size):
     """Odd, ~10% of the image (23 at 224 px); 0 at any other size: the authors blur at exactly 224 px only."""
     return int(0.1 * img_size) // 2 * 2 + 1 if img_size == 224 else 0
-
 
 def ssl_augmentation(img_size, dataset):
     """SimCLR's augmentation of one image, ending in a normalised float tensor."""
@@ -169,13 +164,11 @@ def ssl_augmentation(img_size, dataset):
                        v2.RandomGrayscale(p=P_GRAY), *blur, v2.ToDtype(torch.float32, scale=True),
                        v2.Normalize(info.mean, info.std)])
 
-
 def eval_transform(img_size, dataset):
     """No augmentation: resize and centre-crop to the training size, then normalise."""
     info = DATASETS[dataset]
     return v2.Compose([v2.ToImage(), v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size),
                        v2.ToDtype(torch.float32, scale=True), v2.Normalize(info.mean, info.std)])
-
 
 class AugmentedImages(Dataset):
     """Each item: (k x C x H x W tensor, label), k independent draws of `transform` on one image."""
@@ -190,7 +183,6 @@ class AugmentedImages(Dataset):
         img, label = self.base[i]
         return torch.stack([self.transform(img) for _ in range(self.k)]), label
 
-
 def training_set(base, cfg):
     """The loader's items: each image's views, or with --gpu-augment the image alone, for to_views to augment.
     4 views: each network its own pair, so neither can match its peer by seeing the same pixels (Figure 1)."""
@@ -198,7 +190,6 @@ def training_set(base, cfg):
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
         return AugmentedImages(base, sized, 1)
     return AugmentedImages(base, ssl_augmentation(cfg.img_size, cfg.dataset), 2 if cfg.peer == "none" else 4)
-
 
 def to_views(batch, cfg, device):
     """A batch from the loader -> its views (B, 4 or 2, C, H, W) on the device."""
@@ -224,7 +215,6 @@ class WideBlock(nn.Module):
         a = F.relu(self.bn1(x))
         y = self.conv2(F.relu(self.bn2(self.conv1(a))))
         return y + (x if self.shortcut is None else self.shortcut(a))
-
 
 def make_encoder(arch, img_size):
     """(encoder, feature size): the backbone without its classifier. Below 100 px, the CIFAR stem (stride-1 first
@@ -260,7 +250,6 @@ def make_encoder(arch, img_size):
         feature_dim = net.eval()(torch.zeros(1, 3, img_size, img_size)).shape[1]
     return net.train(), feature_dim
 
-
 class SSLNet(nn.Module):
     """Encoder f, head g, SimSiam's predictor h: forward(x) -> (z = g(f(x)), h(z) or None); evaluation uses f."""
 
@@ -283,14 +272,12 @@ class SSLNet(nn.Module):
         z = self.project(x)
         return z, (None if self.predictor is None else self.predictor(z))
 
-
 def build_networks(cfg):
     """The student and its peer (None when the student trains alone), as cfg describes them."""
     student = SSLNet(cfg.arch, cfg.img_size, cfg.proj_dim, cfg.objective)
     peer = (None if cfg.peer == "none"
             else SSLNet(cfg.peer, cfg.img_size, cfg.proj_dim, cfg.peer_objective or cfg.objective))
     return student, peer
-
 
 def build_optimizers(networks, cfg):
     """One Adam per network (None skipped): each is updated by its own optimiser, on its own loss."""
@@ -314,7 +301,6 @@ def nt_xent(z1, z2, temperature=0.5):
     positive = (torch.arange(2 * n, device=z.device) + n) % (2 * n)  # i+: the other view of image i
     return F.cross_entropy(logits, positive)  # the stable log-softmax, averaged over the 2N anchors
 
-
 def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
     r"""DoGo's distillation term KL(Q || P): this network's similarity distribution P is pulled towards
     its peer's, Q, a fixed target (the peer side is detached). z1, z2: (N, d) this network's projections
@@ -334,7 +320,6 @@ def dogo_kl(z1, z2, z1_peer, z2_peer, temperature=0.1):
     log_q = log_similarity_distribution(z1_peer.detach(), z2_peer.detach())
     return F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)  # sum / N
 
-
 def simsiam_loss(p1, p2, z1, z2):
     r"""SimSiam's loss (Chen & He 2021, eq. 1-2), batch-averaged; p1, p2, z1, z2: (N, d). Each prediction p
     regresses the other view's projection z, a fixed target: the stop-gradient keeps SimSiam from collapsing.
@@ -347,7 +332,6 @@ def simsiam_loss(p1, p2, z1, z2):
 # ---- The training step -------------------------------------------------------------------------
 class NonFiniteLoss(Exception):
     """A loss or the weights became NaN or infinite: the run stops without saving them."""
-
 
 def ssl_loss(net, x1, x2, temperature, amp=False):
     """One network on its two views -> (SSL loss, its (N, d) outputs: SimCLR's projections (z1, z2), SimSiam's
@@ -364,7 +348,6 @@ def ssl_loss(net, x1, x2, temperature, amp=False):
         return nt_xent(z1, z2, temperature), (z1, z2)
     p1, p2 = (gather(t) for t in p.float().chunk(2))
     return simsiam_loss(p1, p2, z1, z2), (p1, p2, z1, z2)
-
 
 def train_step(student, peer, optimizers, views, cfg):
     """One DoGo step on views (B, 4 or 2, C, H, W): 0-1 the student's, 2-3 the peer's -> its loss terms as device
@@ -393,7 +376,6 @@ def networks_on(device, cfg):
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     return [net and net.to(device, memory_format=layout) for net in build_networks(cfg)]
 
-
 def runner(net, cfg, device, world):
     """net as train_step calls it (None stays None): in DDP under torchrun; compiled in place with --compile."""
     if net is not None and world > 1:
@@ -403,7 +385,6 @@ def runner(net, cfg, device, world):
     if net is not None and cfg.compile:
         net.compile()
     return net
-
 
 def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     """Train from scratch or ckpt (see resolve_config) -> (student, peer); only process 0 prints and writes."""
@@ -461,12 +442,10 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     say(f"done: {ckpt_path}, {csv_path}, {png_path}; {speed}")
     return student, peer
 
-
 def likely_cause(cfg):
     """What to change after a non-finite loss or weights: a temperature near 0, else the learning rate."""
     low = [name for name in ("temperature", "kd_temperature") if getattr(cfg, name) < 0.01]
     return f"raise --{low[0].replace('_', '-')}" if low else f"try a lower --lr than {cfg.lr}"
-
 
 @torch.no_grad()
 def check_outputs(networks, views, cfg, step):
@@ -477,7 +456,6 @@ def check_outputs(networks, views, cfg, step):
         if not finite:
             raise NonFiniteLoss(f"the weights after step {step} give non-finite projections; stopped without "
                                 f"saving them; {likely_cause(cfg)}{kept_checkpoint(cfg)}")
-
 
 def main(argv=None):
     """The command line. Errors the user can fix: one line, exit 2; a stop by a signal: exit 128 + its number."""
@@ -504,13 +482,15 @@ def main(argv=None):
             dist.destroy_process_group()
         for s, handler in previous.items():
             signal.signal(s, handler)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would take the kill below for a crash
+        for worker in multiprocessing.active_children():  # loader workers ignore the stop signals, and so
+            worker.kill()                                  # torch's own SIGTERM at exit: an error would hang
 
 
 # ==== Plumbing: how the script runs, not what it computes =======================================
 # ---- Flags: a config dataclass becomes the command line ----------------------------------------
 class UsageError(Exception):
     """A problem the user can fix (a flag, a path, missing data): reported as one line, exit 2."""
-
 
 def parse_flags(config_class, argv=None, prog="dogo.py", description=None):
     """(config, names of the flags given): a flag per field of config_class, with its help and choices."""
@@ -548,12 +528,10 @@ def atomic_file(path):
         raise UsageError(f"cannot save {path} ({reason}); the previous one is left as it was: free some space, "
                          f"or give another folder") from None
 
-
 def ran_on(device):
-    """What a checkpoint or a result line records of the machine: the versions and the device."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return dict(torch=str(torch.__version__), torchvision=torchvision.__version__, device=name)
-
+    """What a checkpoint or a result line records of the machine."""
+    return dict(torch=str(torch.__version__), torchvision=torchvision.__version__,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
 
 def save_checkpoint(path, cfg, step, student, peer, optimizers):
     """Only tensors and plain values, so that it loads with weights_only=True; the config is the one that ran."""
@@ -565,11 +543,10 @@ def save_checkpoint(path, cfg, step, student, peer, optimizers):
     with atomic_file(path) as f:
         torch.save(state, f)
 
-
 def load_checkpoint(path, flag="--resume", resume=True):
     """(checkpoint, its Config, SHA-256 of the bytes read) of a file that save_checkpoint wrote, read once without
     running any code it may hold, and checked for all that its caller needs: the config's types and values, every
-    weight's shape against the network it will load into, to resume the optimiser and RNG states too."""
+    weight's shape against the network it will load into; to resume, the optimiser and RNG states too."""
     def refuse(problem):
         return UsageError(f"{flag} {path}: {problem}; give a checkpoint.pt that dogo.py wrote")
     try:
@@ -592,19 +569,19 @@ def load_checkpoint(path, flag="--resume", resume=True):
             raise refuse(f"its {name} weights are {'missing' if net else 'there'}, its config says --peer {cfg.peer}")
         if net is not None:
             check_shapes(ckpt[name], net.state_dict(), f"its {name} weights do not fit a {net.arch}", refuse)
-        if net is not None and resume:  # Adam's moments, one of each per parameter
-            saved, params = ckpt.get(name + "_opt"), list(net.parameters())
-            groups = saved.get("param_groups") if isinstance(saved, dict) else None
+        if net is not None and resume:  # Adam's two moments of each parameter, in one group
+            opt, params = ckpt.get(name + "_opt"), list(net.parameters())
+            groups = opt.get("param_groups") if isinstance(opt, dict) else None
             if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict) and
-                    groups[0].get("params") == list(range(len(params))) and isinstance(saved.get("state"), dict)):
+                    groups[0].get("params") == list(range(len(params))) and isinstance(opt.get("state"), dict)):
                 raise refuse(f"its {name} optimiser state is missing or not that of its parameters")
-            check_shapes({f"{i} {k}": v for i, s in saved["state"].items() if isinstance(s, dict) for k, v in s.items()
-                          if k != "step"}, {f"{i} {k}": p for i, p in enumerate(params) for k in ("exp_avg",
-                          "exp_avg_sq")}, f"its {name} optimiser state does not fit", refuse)
+            moments = {f"{i} {k}": v for i, s in opt["state"].items() if isinstance(s, dict) for k, v in s.items()}
+            check_shapes({k: v for k, v in moments.items() if not k.endswith(" step")}, {f"{i} {k}": p for i, p in
+                         enumerate(params) for k in ("exp_avg", "exp_avg_sq")}, f"its {name} optimiser state does "
+                         f"not fit", refuse)
     if resume and not isinstance(ckpt.get("rng_cpu"), torch.Tensor):
         raise refuse("it has no random number generator state to resume with")
     return ckpt, cfg, hashlib.sha256(data).hexdigest()
-
 
 def check_shapes(saved, expected, what, refuse):
     """Refuse unless saved ({name: tensor}) has exactly expected's names and shapes."""
@@ -614,46 +591,41 @@ def check_shapes(saved, expected, what, refuse):
         if not isinstance(saved[key], torch.Tensor) or saved[key].shape != tensor.shape:
             raise refuse(f"{what}: {key} is {getattr(saved[key], 'shape', saved[key])!r}, not {tensor.shape}")
 
-
 def config_from_checkpoint(config, refuse):
-    """The Config of a checkpoint, each value checked for its field's type and bounds; fields unknown to this
-    version are dropped (--benchmark, say), fields it lacks take their defaults."""
+    """A checkpoint's Config, each value checked for its field's type and bounds; fields unknown to this version
+    are dropped (--benchmark, say), fields it lacks take their defaults."""
     fields, values = {f.name: f for f in dataclasses.fields(Config)}, {}
-    for name, value in config.items():
-        if name in fields:
-            f = fields[name]
-            fits = isinstance(value, (int, float) if f.type is float else f.type) and (
-                f.type is bool or not isinstance(value, bool))  # an int is a float too, a bool no int
-            if not (fits or value is None is f.default) or value not in (f.metadata["choices"] or (value,)):
-                raise refuse(f"its config has {name} = {value!r}")
-            values[name] = value
+    for name, value in ((k, v) for k, v in config.items() if k in fields):
+        f = fields[name]  # an int is a float too, a bool no int
+        fits = isinstance(value, (int, float) if f.type is float else f.type) and (
+            f.type is bool or not isinstance(value, bool))
+        if not (fits or value is None is f.default) or value not in (f.metadata["choices"] or (value,)):
+            raise refuse(f"its config has {name} = {value!r}")
+        values[name] = value
     try:
         return check_config(Config(**values))
     except UsageError as err:
         raise refuse(f"its config: {err}") from None
 
-
 def resolve_config(cfg, given=frozenset()):
-    """(the config to run, the checkpoint to resume or None). `given`: the command line's flags, which with
-    --resume override the checkpoint's config, except FIXED_ON_RESUME, which must agree; MACHINE is never taken
-    from the checkpoint. A resumed run's out-dir is its checkpoint's folder unless --out-dir says otherwise."""
+    """(the config to run, the checkpoint to resume or None). `given`: the command line's flags, which with --resume
+    override the checkpoint's config, except FIXED_ON_RESUME, which must agree; MACHINE is never the checkpoint's.
+    A resumed run's out-dir is its checkpoint's folder unless --out-dir says otherwise."""
     cfg = dataclasses.replace(check_config(cfg), img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
+    auto = os.path.join(cfg.out_dir, OUTPUTS[0])
     if cfg.resume == "auto":  # the same command starts a run, then continues it each time a job is requeued
-        auto = os.path.join(cfg.out_dir, OUTPUTS[0])
         cfg.resume = auto if os.path.exists(auto) else ""
     if not cfg.resume:
         return cfg, None
     ckpt, saved, _ = load_checkpoint(cfg.resume)
-    for name in FIXED_ON_RESUME:
-        if name in given and getattr(cfg, name) != getattr(saved, name):
-            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
-                             f"{getattr(saved, name)}; drop the flag to resume, or start a new run without --resume")
-    kept = {k: getattr(cfg, k) for k in {*given, *MACHINE, "resume", "out_dir"} if k not in FIXED_ON_RESUME}
-    cfg = dataclasses.replace(saved, **kept)
+    for name in filter(lambda name: name in given and getattr(cfg, name) != getattr(saved, name), FIXED_ON_RESUME):
+        raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
+                         f"{getattr(saved, name)}; drop the flag to resume, or start a new run without --resume")
+    cfg = dataclasses.replace(saved, **{k: getattr(cfg, k) for k in {*given, *MACHINE, "resume", "out_dir"}
+                                        if k not in FIXED_ON_RESUME})
     cfg.out_dir = cfg.out_dir if "out_dir" in given else os.path.dirname(os.path.abspath(cfg.resume))
     return cfg, ckpt
-
 
 def restore(ckpt, student, peer, optimizers, cfg, device):
     """Load the networks, their optimisers (with this run's --lr and --weight-decay) and the RNG state -> step."""
@@ -680,7 +652,6 @@ def pick_device(name):
         raise UsageError(f"--device {name} asked for, but PyTorch sees no CUDA GPU; use --device cpu")
     return device
 
-
 def init_distributed(cfg):
     """(rank, world size, device) from torchrun's RANK, LOCAL_RANK and WORLD_SIZE: NCCL on GPUs, else gloo."""
     device = pick_device(cfg.device)
@@ -702,17 +673,15 @@ def init_distributed(cfg):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world, device
 
-
 def resolve_machine(cfg, device, world):
     """cfg with MACHINE's settings resolved for this start, as the checkpoint will record them: a run started on a
     GPU resumes on a laptop. Loader workers share the cores between the processes of this machine."""
     cuda, share = device.type == "cuda", (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    default = dict(workers=min(8, max(share, 1)), gpu_augment=cuda, sync_bn=cuda and world > 1,
+    default = dict(workers=min(8, max(share, 1)), sync_bn=cuda and world > 1,
                    # bfloat16 only where the GPU computes it natively (a T4 emulates it, slower than float32)
                    amp=cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     return dataclasses.replace(cfg, device=str(device),
                                **{k: v if getattr(cfg, k) is None else getattr(cfg, k) for k, v in default.items()})
-
 
 class GatherRows(torch.autograd.Function):
     """all_gather (torch's differentiable one is deprecated) whose backward sums over the processes the gradients
@@ -730,11 +699,9 @@ class GatherRows(torch.autograd.Function):
         dist.all_reduce(grad)                                     # gradient elsewhere: reduce a copy, in place
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
-
 def gather(x):
     """(n, ...) on each of W processes -> (W * n, ...), in rank order; x itself without torchrun."""
     return GatherRows.apply(x) if dist.is_initialized() else x
-
 
 class EpochOrder(DistributedSampler):
     """This process's share of each epoch's order, fixed by (seed, epoch): process r of W takes positions r,
@@ -754,11 +721,9 @@ class EpochOrder(DistributedSampler):
     def __len__(self):
         return super().__len__() - self.skip
 
-
 def seed_of(cfg, rank, step):
     """A seed of its own for each process and each start of a run (a resumed run draws anew)."""
     return int(np.random.SeedSequence([cfg.seed, rank, step]).generate_state(1)[0])
-
 
 def make_loader(data, cfg, device, rank=0, world=1, step=0):
     """This process's batches; call loader.sampler.start(epoch, skip) before each epoch; step: the run's start."""
@@ -773,21 +738,21 @@ def make_loader(data, cfg, device, rank=0, world=1, step=0):
 # ---- Stop requests: Ctrl-C, a scheduler's SIGTERM, a closed terminal's SIGHUP ---------------------
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-
 def ignore_stop_signals(worker_id):
     for s in STOP_SIGNALS:  # loader workers: the main process handles them
         signal.signal(s, signal.SIG_IGN)
 
-
 def stop_at_once(signum, _):  # a stop request that cannot wait for the end of a step
     raise KeyboardInterrupt(signum)
 
-
 class StopOnSignal:
     """A first stop request is noted, for the loop to save and stop; a second one aborts. quiet: for ranks > 0."""
+    signum = 0
+    requested = property(lambda self: self.signum != 0)
+    name = property(lambda self: signal.Signals(self.signum or signal.SIGINT).name)
 
     def __init__(self, quiet=False):
-        self.quiet, self.signum = quiet, 0
+        self.quiet = quiet
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
@@ -804,15 +769,10 @@ class StopOnSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    requested = property(lambda self: self.signum != 0)
-    name = property(lambda self: signal.Signals(self.signum or signal.SIGINT).name)
-
-
 def kept_checkpoint(cfg):
     """What a run that ends in an error leaves: its out-dir's checkpoint, if there is one."""
     path = cfg and cfg.out_dir and os.path.join(cfg.out_dir, OUTPUTS[0])
     return f"; {path} is kept as it was" if path and os.path.isfile(path) else "; no checkpoint was saved"
-
 
 def last_line(err):
     """The line of an error to show: a loader worker's error arrives as its whole traceback, ending in its own."""
@@ -844,12 +804,12 @@ def claim_out_dir(path, resume=""):
         except FileExistsError:
             with open(lock) as f:
                 owner = f.read().strip()
-        try:  # signal 0 sends nothing: it only asks whether the owner still runs
+        try:  # signal 0 sends nothing: it asks whether the owner still runs (PermissionError: another user's)
             os.kill(int(owner), 0)
         except (ValueError, ProcessLookupError):  # no process id, or its run ended without removing the lock
             os.remove(lock)
             continue
-        except PermissionError:  # it runs, under another user
+        except PermissionError:
             pass
         raise UsageError(f"--out-dir {path} is in use by another run (process {owner}, see {lock}); "
                          f"wait for it to end, or give another --out-dir")
@@ -941,7 +901,6 @@ class Progress:
         """Images/s of this start after its first interval, whose time holds the warm-up (0: too short to say)."""
         return self.steady[0] / self.steady[1] if self.steady[1] else 0.0
 
-
 def read_metrics(path, step):
     """The rows of metrics.csv up to `step` (a resume drops those of steps a crash lost); an edited file is
     refused, never silently rewritten."""
@@ -954,15 +913,12 @@ def read_metrics(path, step):
         raise UsageError(f"{path} cannot be read as dogo.py wrote it ({type(err).__name__}: {err}); restore it, "
                          f"or move it away to resume with its curves started anew") from None
 
-
 LOSS_NAMES = {"simclr": "NT-Xent", "simsiam": "SimSiam loss"}
-
 
 def describe(cfg):
     """The networks and their losses, e.g. 'resnet18 (NT-Xent) + peer resnet50 (NT-Xent)'."""
     peer = f"peer {cfg.peer} ({LOSS_NAMES[cfg.peer_objective or cfg.objective]})" if cfg.peer != "none" else "no peer"
     return f"{cfg.arch} ({LOSS_NAMES[cfg.objective]}) + {peer}"
-
 
 def plot_losses(rows, png_path, cfg):
     """losses.png from the rows of metrics.csv: the SSL terms; the KL terms with a peer; the kNN figures, if any."""
@@ -991,7 +947,6 @@ def dataset_labels(base):
             return np.asarray(getattr(base, name), dtype=np.int64)
     return np.array([label for _, label in base], dtype=np.int64)
 
-
 @torch.no_grad()
 def knn_scores(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1):
     r"""Weighted k-nearest-neighbour class scores (Wu et al. 2018), which many SSL papers report; N_k(x): the k
@@ -1007,13 +962,11 @@ def knn_scores(train_features, train_labels, test_features, num_classes, k=200, 
         scores.append(votes.scatter_add_(1, labels[neighbours], (similarity / temperature).exp()))
     return torch.cat(scores)
 
-
 def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200, temperature=0.1):
     """Top-1 accuracy (percent) of the weighted kNN classifier of knn_scores."""
     scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature)
     labels = torch.as_tensor(np.asarray(test_labels, dtype=np.int64), device=scores.device)
     return 100.0 * (scores.argmax(dim=1) == labels).sum().item() / len(labels)
-
 
 class KnnMonitor:
     """kNN top-1 of each network's encoder features, in eval mode and float32: a bank of up to --knn-images labelled
@@ -1028,12 +981,11 @@ class KnnMonitor:
             [rng.permutation(np.flatnonzero(labels == c))[:round(cfg.knn_images * np.mean(labels == c))]
              for c in np.unique(labels)]))
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
-        self.images = [torch.cat([x[:, 0] for x, _ in DataLoader(  # uint8 (N, 3, S, S); its loader draws from
-            AugmentedImages(torch.utils.data.Subset(split, chosen), sized, 1), batch_size=256,  # its own generator
-            num_workers=cfg.workers or 0, generator=torch.Generator())]).to(device)
-            for split, chosen in zip(splits, (bank, range(len(splits[1]))))]
+        self.images = [torch.stack([sized(split[int(i)][0]) for i in chosen]).to(device)  # uint8 (N, 3, S, S)
+                       for split, chosen in zip(splits, (bank, range(len(splits[1]))))]
         self.labels[0], self.info = labels[bank], DATASETS[cfg.dataset]
         self.num_classes = len(getattr(splits[0], "classes", ())) or int(labels.max()) + 1
+        print(f"kNN monitor: {len(bank)} training images against {len(splits[1])} test images", flush=True)
 
     @classmethod
     def of(cls, cfg, device):
@@ -1132,11 +1084,9 @@ class ImageFolder(torchvision.datasets.ImageFolder):
 def uniform(x, generator, *shape):  # U[0, 1) of the given shape, on the device of x
     return torch.rand(*shape, generator=generator, device=x.device)
 
-
 @functools.cache
 def on_device(values, device):  # a constant, copied to the device once: each copy would make the host wait
     return torch.tensor(values, device=device)
-
 
 def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), generator=None):
     """RandomResizedCrop + RandomHorizontalFlip as in torchvision, float (B, C, H, W) -> (B, C, size, size)."""
@@ -1167,10 +1117,8 @@ def random_resized_crop_flip(x, size, scale=CROP_SCALE, ratio=(3 / 4, 4 / 3), ge
     # Plain bilinear: torchvision antialiases shrunk crops, a small change here (none on CIFAR: crops only grow).
     return F.grid_sample(x, grid, mode="bilinear", align_corners=False)
 
-
 def _gray(x):  # (B, 3, H, W) -> (B, 1, H, W); torchvision's weights (0.2989, not the usual 0.299)
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-
 
 def _shift_hue(x, shift):
     """Rotate the hue of RGB images in [0, 1] by shift (B, 1, 1) turns, keeping saturation and value."""
@@ -1184,7 +1132,6 @@ def _shift_hue(x, shift):
     # HSV -> RGB: channel n (5 for R, 3 for G, 1 for B) is v * (1 - s * clamp(min(k, 4 - k), 0, 1)).
     k = (on_device((5.0, 3.0, 1.0), x.device).view(1, 3, 1, 1) + hue6[:, None]) % 6
     return v[:, None] * (1 - s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
-
 
 def color_jitter_grayscale(x, jitter=JITTER, p_jitter=P_JITTER, p_gray=P_GRAY, generator=None):
     """RandomApply(ColorJitter(*jitter), p=p_jitter) then RandomGrayscale(p=p_gray), jitter <= 1."""
@@ -1206,7 +1153,6 @@ def color_jitter_grayscale(x, jitter=JITTER, p_jitter=P_JITTER, p_gray=P_GRAY, g
     out = torch.where(uniform(x, generator, B, 1, 1, 1) < p_jitter, out, x)
     return torch.where(uniform(x, generator, B, 1, 1, 1) < p_gray, _gray(out).expand_as(out), out)
 
-
 def _random_blur(x, kernel_size, generator=None):
     """With p=P_BLUR per image, a Gaussian blur with its own sigma ~ U[BLUR_SIGMA], reflect padding."""
     B, C, H, W = x.shape
@@ -1218,7 +1164,6 @@ def _random_blur(x, kernel_size, generator=None):
     y = F.conv2d(y, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
     y = F.conv2d(y, kernel.view(B * C, 1, 1, kernel_size), groups=B * C).view(B, C, H, W)
     return torch.where(uniform(x, generator, B, 1, 1, 1) < P_BLUR, y, x)
-
 
 def batch_ssl_augmentation(images, img_size, mean, std, generator=None):
     """uint8 or [0, 1] float (B, 3, H, W), on any device -> normalised float32 (B, 3, img_size, img_size)."""

@@ -432,7 +432,7 @@ def test_script_trains_and_writes_its_outputs(tmp_path, dogo_run, peer, columns)
     ckpt, cfg, _ = dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     assert ckpt["step"] == 5 and cfg.peer == peer and cfg.img_size == 8
     assert ckpt["ran_on"] == {"torch": torch.__version__, "torchvision": torchvision.__version__, "device": "cpu"}
-    assert (cfg.device, cfg.workers, cfg.amp, cfg.gpu_augment, cfg.sync_bn) == ("cpu", 0, False, False, False)
+    assert (cfg.device, cfg.workers, cfg.amp, cfg.gpu_augment, cfg.sync_bn) == ("cpu", 0, False, True, False)
     student, peer_net = dogo.build_networks(cfg)
     student.load_state_dict(ckpt["student"])
     if peer == "none":
@@ -707,6 +707,20 @@ def test_the_plot_has_a_panel_for_what_ran_and_names_each_loss(tmp_path, peer, o
     assert dogo.describe(cfg).startswith(f"resnet18 ({'SimSiam loss' if objective == 'simsiam' else 'NT-Xent'})")
 
 
+def test_an_error_with_loader_workers_ends_the_process(tmp_path):
+    """Loader workers ignore the stop signals, so torch cannot end them with its SIGTERM at exit: an image that
+    breaks mid-run with two workers must still end the script, in one line, with the checkpoint kept."""
+    root = image_folder(tmp_path / "data")
+    out = str(tmp_path / "run")
+    assert run_dogo(*FOLDER, "--data-dir", str(root), "--out-dir", out).returncode == 0
+    png = (root / "train" / "dog" / "3.png").read_bytes()
+    (root / "train" / "dog" / "3.png").write_bytes(png[:len(png) // 2])  # its header reads, its pixels do not
+    result = run_script("dogo.py", "--resume", os.path.join(out, "checkpoint.pt"), "--epochs", "3", "--workers", "2",
+                        timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is kept as it was" in result.stderr, \
+        result.stderr
+
+
 def test_an_image_folder_without_a_test_split_trains_without_the_monitor(tmp_path, capsys):
     root = image_folder(tmp_path / "data")
     dogo.main([*FOLDER, "--data-dir", str(root), "--out-dir", str(tmp_path / "run")])
@@ -813,14 +827,15 @@ def test_a_resume_runs_what_it_records(saved_run, tmp_path):
     """Flags given on resume reach the optimisers and the saved config; the machine's settings are resolved anew,
     so that a checkpoint written on a GPU resumes on this CPU."""
     ckpt = torch.load(saved_run, weights_only=True)
-    ckpt["config"].update(device="cuda:0", workers=8, amp=True, gpu_augment=True, sync_bn=True, compile=False)
+    ckpt["config"].update(device="cuda:0", workers=8, amp=True, gpu_augment=False, sync_bn=True, compile=True)
     path = str(tmp_path / "checkpoint.pt")
     torch.save(ckpt, path)
     dogo.main(["--resume", path, "--epochs", "2", "--lr", "0.002", "--weight-decay", "0.5", "--workers", "0",
                "--device", "cpu"])
     ckpt, cfg, _ = dogo.load_checkpoint(path)
     assert ckpt["step"] == 8 and (cfg.lr, cfg.weight_decay, cfg.epochs) == (0.002, 0.5, 2)
-    assert (cfg.device, cfg.workers, cfg.amp, cfg.gpu_augment, cfg.sync_bn) == ("cpu", 0, False, False, False)
+    assert (cfg.device, cfg.workers, cfg.amp, cfg.gpu_augment, cfg.sync_bn, cfg.compile) == \
+        ("cpu", 0, False, True, False, False)
     for name in ("student_opt", "peer_opt"):
         assert [(g["lr"], g["weight_decay"]) for g in ckpt[name]["param_groups"]] == [(0.002, 0.5)]
 

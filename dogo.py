@@ -35,6 +35,10 @@ import sys
 import time
 from collections import namedtuple
 
+# OpenMP's threads spin while they wait: on an idle CPU that is 1.4x faster here, on a busy one 1.3 to 2x slower
+# (README, "Scale and speed"). So they sleep instead when the machine is already busy as torch loads.
+if "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] >= (os.cpu_count() or 1) / 2:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 try:
     import numpy as np
     import torch
@@ -404,9 +408,9 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     monitor = KnnMonitor.of(cfg, device) if rank == 0 else None  # the others wait meanwhile
     say = print if rank == 0 else lambda *args, **kwargs: None
     ckpt_path, csv_path, png_path = (os.path.join(cfg.out_dir, name) for name in OUTPUTS)
-    where = f"{world} processes on {device.type}" if world > 1 else f"device {device}"
     say(f"DoGo: {describe(cfg)} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch {cfg.batch_size}, "
-        f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, {where}, out-dir {cfg.out_dir}", flush=True)
+        f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
+        f"{f'{world} processes on {device.type}' if world > 1 else f'device {device}'}, out-dir {cfg.out_dir}", flush=True)
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
@@ -515,8 +519,8 @@ def parse_flags(config_class, argv=None, prog="dogo.py", description=None):
 # ---- Checkpoints: written whole or not at all, checked completely before anything uses them -----
 @contextlib.contextmanager
 def atomic_file(path):
-    """A binary file that replaces `path` once it is whole. A write that fails, whatever raises it (torch reports a
-    full disk as RuntimeError), keeps the previous file, leaves no temporary one and ends in one line."""
+    """A binary file that replaces `path` once whole; a failed write (torch reports a full disk as RuntimeError)
+    keeps the previous file, leaves no temporary one and ends in one line."""
     try:
         with open(path + ".tmp", "wb") as f:
             yield f
@@ -544,9 +548,8 @@ def save_checkpoint(path, cfg, step, student, peer, optimizers):
         torch.save(state, f)
 
 def load_checkpoint(path, flag="--resume", resume=True):
-    """(checkpoint, its Config, SHA-256 of the bytes read) of a file that save_checkpoint wrote, read once without
-    running any code it may hold, and checked for all that its caller needs: the config's types and values, every
-    weight's shape against the network it will load into; to resume, the optimiser and RNG states too."""
+    """(checkpoint, its Config, SHA-256 of the bytes read), read once without running any code it may hold and checked
+    for all its caller needs: config types and values, every weight's shape; to resume, optimiser and RNG states."""
     def refuse(problem):
         return UsageError(f"{flag} {path}: {problem}; give a checkpoint.pt that dogo.py wrote")
     try:
@@ -592,8 +595,7 @@ def check_shapes(saved, expected, what, refuse):
             raise refuse(f"{what}: {key} is {getattr(saved[key], 'shape', saved[key])!r}, not {tensor.shape}")
 
 def config_from_checkpoint(config, refuse):
-    """A checkpoint's Config, each value checked for its field's type and bounds; fields unknown to this version
-    are dropped (--benchmark, say), fields it lacks take their defaults."""
+    """A checkpoint's Config, values checked; fields unknown here are dropped (--benchmark), missing ones default."""
     fields, values = {f.name: f for f in dataclasses.fields(Config)}, {}
     for name, value in ((k, v) for k, v in config.items() if k in fields):
         f = fields[name]  # an int is a float too, a bool no int
@@ -608,9 +610,8 @@ def config_from_checkpoint(config, refuse):
         raise refuse(f"its config: {err}") from None
 
 def resolve_config(cfg, given=frozenset()):
-    """(the config to run, the checkpoint to resume or None). `given`: the command line's flags, which with --resume
-    override the checkpoint's config, except FIXED_ON_RESUME, which must agree; MACHINE is never the checkpoint's.
-    A resumed run's out-dir is its checkpoint's folder unless --out-dir says otherwise."""
+    """(config to run, checkpoint to resume or None). With --resume, `given` flags override the checkpoint's config,
+    except FIXED_ON_RESUME, which must agree; MACHINE never comes from it; the out-dir is its folder by default."""
     cfg = dataclasses.replace(check_config(cfg), img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
     auto = os.path.join(cfg.out_dir, OUTPUTS[0])
@@ -674,8 +675,7 @@ def init_distributed(cfg):
     return dist.get_rank(), world, device
 
 def resolve_machine(cfg, device, world):
-    """cfg with MACHINE's settings resolved for this start, as the checkpoint will record them: a run started on a
-    GPU resumes on a laptop. Loader workers share the cores between the processes of this machine."""
+    """cfg with MACHINE resolved for this start and machine (a GPU run resumes on a laptop), as it will be saved."""
     cuda, share = device.type == "cuda", (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     default = dict(workers=min(8, max(share, 1)), sync_bn=cuda and world > 1,
                    # bfloat16 only where the GPU computes it natively (a T4 emulates it, slower than float32)
@@ -783,9 +783,8 @@ def last_line(err):
 # ---- The output folder -------------------------------------------------------------------------
 @contextlib.contextmanager
 def claim_out_dir(path, resume=""):
-    """Make --out-dir, check that it takes every output, and hold it for this run: a lock file with the process
-    id; another run there ends in one line, a lock whose process has ended is replaced. An earlier run's
-    checkpoint there is never replaced, except by the run that resumes it."""
+    """Make --out-dir, check that it takes every output, hold it with a lock file (a stale one is replaced): another
+    run there ends in one line. An earlier run's checkpoint there is replaced only by the run that resumes it."""
     try:
         os.makedirs(path, exist_ok=True)
         for name in OUTPUTS:  # the very names that saves write: a path too long fails now, not after an epoch
@@ -826,9 +825,8 @@ def claim_out_dir(path, resume=""):
 
 # ---- Progress: the losses, the speed and what bounds it, the kNN figures; metrics.csv and its plot
 class Progress:
-    """The --log-every intervals of a run. The loss terms stay on the device until the interval ends and are then
-    read at once; a line and a row of metrics.csv give their means, images_per_s and data_wait: the share of the
-    interval spent waiting for the next batch (near 0, the device bounds the run; near 1, the loader)."""
+    """The --log-every intervals: the loss terms stay on the device until an interval ends, then a line and a row of
+    metrics.csv give their means, images_per_s and data_wait (the share of the time spent waiting for batches)."""
 
     def __init__(self, csv_path, cfg, step, total_steps, steps_per_epoch, device, rank=0):
         self.csv_path, self.cfg, self.steps, self.device, self.rank = csv_path, cfg, (step, total_steps), device, rank
@@ -902,8 +900,7 @@ class Progress:
         return self.steady[0] / self.steady[1] if self.steady[1] else 0.0
 
 def read_metrics(path, step):
-    """The rows of metrics.csv up to `step` (a resume drops those of steps a crash lost); an edited file is
-    refused, never silently rewritten."""
+    """metrics.csv's rows up to `step` (not those a crash lost); an edited file is refused, never rewritten."""
     if not os.path.exists(path):
         return []
     try:
@@ -949,8 +946,7 @@ def dataset_labels(base):
 
 @torch.no_grad()
 def knn_scores(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1):
-    r"""Weighted k-nearest-neighbour class scores (Wu et al. 2018), which many SSL papers report; N_k(x): the k
-    training features most cosine-similar to x (k at most the training-set size). Returns (N_test, num_classes).
+    r"""Weighted kNN class scores (Wu et al. 2018) (N_test, num_classes); N_k(x): the k most cosine-similar features.
 
     .. math::  \mathrm{score}_c(x) = \sum_{i \in \mathcal{N}_k(x)} [y_i = c] \, \exp(\cos(x, x_i) / t)"""
     train = F.normalize(train_features, dim=1)                          # (N_train, D)
@@ -969,9 +965,8 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
     return 100.0 * (scores.argmax(dim=1) == labels).sum().item() / len(labels)
 
 class KnnMonitor:
-    """kNN top-1 of each network's encoder features, in eval mode and float32: a bank of up to --knn-images labelled
-    training images (each class its share, the same every time) against the whole test split. Their images are
-    decoded and sized once; it draws no random number and changes no BatchNorm statistic: it changes no weight."""
+    """kNN top-1 of each encoder (eval mode, float32): up to --knn-images labelled training images, class-stratified,
+    against the test split, decoded once. It draws no random number and changes no BatchNorm statistic."""
 
     def __init__(self, cfg, device):
         splits = [load_dataset(cfg.dataset, cfg.data_dir, s, cfg.synthetic_size, cfg.img_size) for s in ("train", "test")]

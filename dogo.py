@@ -405,7 +405,6 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     if rank:  # other augmentations in each process (the weights stay in step through DDP)
         torch.manual_seed(seed_of(cfg, rank, step))
     loader = make_loader(data, cfg, device, rank, world, step)
-    monitor = KnnMonitor.of(cfg, device) if rank == 0 else None  # the others wait meanwhile
     say = print if rank == 0 else lambda *args, **kwargs: None
     ckpt_path, csv_path, png_path = (os.path.join(cfg.out_dir, name) for name in OUTPUTS)
     say(f"DoGo: {describe(cfg)} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch {cfg.batch_size}, "
@@ -414,6 +413,7 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
+    monitor = KnnMonitor.of(cfg, device) if rank == 0 else None  # the others wait meanwhile
     with claim_out_dir(cfg.out_dir, cfg.resume) if rank == 0 else contextlib.nullcontext(), \
             StopOnSignal(quiet=rank > 0) as signals:
         log, start, stop = Progress(csv_path, cfg, step, total_steps, steps_per_epoch, device, rank), step, False

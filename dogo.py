@@ -413,9 +413,9 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
-    monitor = KnnMonitor.of(cfg, device) if rank == 0 else None  # the others wait meanwhile
     with claim_out_dir(cfg.out_dir, cfg.resume) if rank == 0 else contextlib.nullcontext(), \
             StopOnSignal(quiet=rank > 0) as signals:
+        monitor = KnnMonitor.of(cfg, device) if rank == 0 else None  # the others wait meanwhile
         log, start, stop = Progress(csv_path, cfg, step, total_steps, steps_per_epoch, device, rank), step, False
         while step < total_steps and not stop:
             loader.sampler.start(step // steps_per_epoch, skip=step % steps_per_epoch * cfg.batch_size // world)

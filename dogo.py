@@ -101,7 +101,7 @@ class Config:
     resume: str = flag("", "checkpoint.pt to continue, or auto: --out-dir's if it has one, else a new run; flags "
                            "given override its config, except networks, data and batch")
     log_every: int = flag(50, "steps between progress lines and rows of metrics.csv")
-    knn_every: int = flag(1, "epochs between kNN top-1 figures of both networks on the test split, and at the end; 0 = off")
+    knn_every: int = flag(1, "epochs between kNN top-1 figures of both networks on the test split; 0 = off")
     knn_images: int = flag(10000, "labelled training images in the kNN bank: class-stratified, the same each time")
     amp: bool = flag(None, "bfloat16 autocast for the networks, not the losses; default: on GPUs with native bfloat16")
     compile: bool = flag(False, "torch.compile the networks: a slow first step, faster later ones")
@@ -409,7 +409,8 @@ def train(cfg, ckpt=None, rank=0, world=1, device=torch.device("cpu")):
     ckpt_path, csv_path, png_path = (os.path.join(cfg.out_dir, name) for name in OUTPUTS)
     say(f"DoGo: {describe(cfg)} on {cfg.dataset} ({len(data)} images, {cfg.img_size} px), batch {cfg.batch_size}, "
         f"{steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, "
-        f"{f'{world} processes on {device.type}' if world > 1 else f'device {device}'}, out-dir {cfg.out_dir}", flush=True)
+        f"{f'{world} processes on {device.type}' if world > 1 else f'device {device}'}, out-dir {cfg.out_dir}",
+        flush=True)
     if step >= total_steps:
         say(f"nothing to do: the checkpoint is at step {step}; raise --epochs or --max-steps")
         return student, peer
@@ -479,7 +480,8 @@ def main(argv=None):
         sys.exit(1 if isinstance(err, NonFiniteLoss) else 2)
     except KeyboardInterrupt as err:  # a second stop request in the loop, or one outside it
         signum = err.args[0] if err.args else signal.SIGINT  # Python's own Ctrl-C has no number
-        print(f"dogo.py: stopped by {signal.Signals(signum).name} without saving{kept_checkpoint(cfg)}", file=sys.stderr)
+        print(f"dogo.py: stopped by {signal.Signals(signum).name} without saving{kept_checkpoint(cfg)}",
+              file=sys.stderr)
         sys.exit(128 + signum)
     finally:
         if dist.is_initialized():
@@ -556,10 +558,9 @@ def load_checkpoint(path, flag="--resume", resume=True):
         with open(path, "rb") as f:
             data = f.read()
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except OSError as err:
-        raise refuse(f"cannot be read ({err.strerror or err})") from None
-    except Exception as err:
-        raise refuse(f"not a checkpoint ({type(err).__name__})") from None
+    except Exception as err:  # missing, unreadable, not a checkpoint, or one that would run code
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise refuse(f"cannot be read as a checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise refuse("not a dogo.py checkpoint (it has no config)")
     if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
@@ -921,8 +922,8 @@ def plot_losses(rows, png_path, cfg):
     """losses.png from the rows of metrics.csv: the SSL terms; the KL terms with a peer; the kNN figures, if any."""
     from matplotlib.figure import Figure  # no pyplot: works headless and leaves notebooks alone
     series = lambda key: [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-    panels = [(title, keys) for title, keys in (("SSL loss", ("ssl", "ssl_peer")), ("KL to the peer", ("kl", "kl_peer")),
-                                                ("kNN top-1 (%)", ("knn", "knn_peer"))) if series(keys[0])]
+    panels = [(title, keys) for title, keys in (("SSL loss", ("ssl", "ssl_peer")), ("KL to the peer", ("kl",
+              "kl_peer")), ("kNN top-1 (%)", ("knn", "knn_peer"))) if series(keys[0])]
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0] if panels else [], panels):
         for key, who, objective in zip(keys, ("student", "peer"), (cfg.objective, cfg.peer_objective or cfg.objective)):
@@ -969,7 +970,8 @@ class KnnMonitor:
     against the test split, decoded once. It draws no random number and changes no BatchNorm statistic."""
 
     def __init__(self, cfg, device):
-        splits = [load_dataset(cfg.dataset, cfg.data_dir, s, cfg.synthetic_size, cfg.img_size) for s in ("train", "test")]
+        splits = [load_dataset(cfg.dataset, cfg.data_dir, split, cfg.synthetic_size, cfg.img_size)
+                  for split in ("train", "test")]
         self.labels = [dataset_labels(split) for split in splits]
         rng, labels = np.random.default_rng(0), self.labels[0]  # NumPy's own generator, seeded
         bank = np.arange(len(labels)) if cfg.knn_images >= len(labels) else np.sort(np.concatenate(

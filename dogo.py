@@ -558,9 +558,10 @@ def load_checkpoint(path, flag="--resume", resume=True):
         with open(path, "rb") as f:
             data = f.read()
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # missing, unreadable, not a checkpoint, or one that would run code
-        reason = getattr(err, "strerror", None) or type(err).__name__
-        raise refuse(f"cannot be read as a checkpoint ({reason})") from None
+    except OSError as err:
+        raise refuse(f"cannot be read ({err.strerror or err})") from None
+    except Exception as err:  # not a checkpoint, or one that would run code
+        raise refuse(f"not a checkpoint ({type(err).__name__})") from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
         raise refuse("not a dogo.py checkpoint (it has no config)")
     if type(ckpt.get("step")) is not int or ckpt["step"] < 0:

@@ -565,7 +565,7 @@ def test_a_tampered_checkpoint_is_refused_in_one_line_before_training(saved_run,
 def test_bad_checkpoints_are_refused(saved_run, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    for args, message in [(["--resume", str(garbage)], "cannot be read as a checkpoint (UnpicklingError)"),
+    for args, message in [(["--resume", str(garbage)], "not a checkpoint (UnpicklingError)"),
                           (["--resume", str(tmp_path)], "cannot be read"),
                           (["--resume", saved_run, "--arch", "resnet50"], "differs from the checkpoint"),
                           (["--resume", saved_run, "--batch-size", "16"], "--batch-size 16 differs"),

@@ -1153,6 +1153,16 @@ def test_distributed_compiled_run_computes_what_the_plain_one_does(torchrun_run,
             [float(a[k]) for k in ("ssl", "kl", "ssl_peer", "kl_peer")], rel=1e-4)
 
 
+@pytest.mark.parametrize("device,world,sync_bn", [("cuda", 2, True), ("cuda", 1, False), ("cpu", 2, False)])
+def test_batchnorm_spans_the_global_batch_by_default_on_gpus_under_torchrun(monkeypatch, device, world, sync_bn):
+    """Resolving the machine's settings needs no GPU: only the device's type and the number of processes."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world))
+    cfg = dogo.resolve_machine(dogo.Config(), torch.device(device), world)
+    assert cfg.sync_bn is sync_bn and cfg.device == device
+    assert cfg.workers == min(8, max((os.cpu_count() or 1) // world, 1))  # each process its share of the cores
+    assert dogo.resolve_machine(dogo.Config(sync_bn=False), torch.device(device), world).sync_bn is False
+
+
 def test_world_size_without_torchrun_is_one_line(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")  # exported by hand, or left over from another job
     with pytest.raises(SystemExit) as stop:

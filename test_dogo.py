@@ -2099,17 +2099,21 @@ def test_eval_bad_inputs_end_with_one_line_and_exit_code_2(_eval_checkpoint, tmp
 # tutorial.ipynb
 # ------------------------------------------------------------------------------------------------
 def tutorial_claims(notebook):
-    """The named quantities that tutorial.ipynb's last cell prints on its `claims:` line."""
-    lines = [line for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
-             for line in out.get("text", "").splitlines() if line.startswith("claims: ")]
-    assert len(lines) == 1, "tutorial.ipynb must print one claims: line in its last cell"
-    return json.loads(lines[0][len("claims: "):])
+    """The named quantities that tutorial.ipynb's last cell keeps in its output's metadata (the same
+    that it writes to tutorial_claims.json), beside a one-line summary for the reader."""
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
+               if "tutorial_claims" in out.get("metadata", {})]
+    assert len(outputs) == 1, "tutorial.ipynb must keep its claims in one output's metadata, in its last cell"
+    summary = outputs[0]["data"]["text/plain"]
+    assert "\n" not in summary.strip() and len(summary) < 400, summary
+    return outputs[0]["metadata"]["tutorial_claims"]
 
 
 def check_tutorial_claims(c):
     """What the text of tutorial.ipynb asserts, claim by claim. Identities of the math hold to
-    rounding; results of training hold with margins: another CPU sums in another order, and a
-    short run carries that into its losses and accuracies (a few points, measured here)."""
+    rounding. Orderings of results are claimed only where they held for training seeds 0 to 4, each
+    run with OMP_NUM_THREADS=1 and 2 (TUTORIAL_SEED; two reduction orders): each margin below is
+    under the smallest value those ten runs gave, quoted as "min" (seed/threads)."""
     # 1. The two views of one image are more alike in pixels than views of two images, but faintly.
     assert c["pixel_cosine"]["different"] < c["pixel_cosine"]["same"] < 0.5
     # 2. NT-Xent: exactly log(2N - 1) when every projection is equal; the loss falls as the
@@ -2123,51 +2127,70 @@ def check_tutorial_claims(c):
     assert by_cosine["0.1"][0] < 0.05 and by_cosine["0.1"][-1] > chance_32 and by_cosine["0.5"][0] > 1
     assert all(abs(v - chance_32) < 0.1 for v in by_cosine["10.0"])
     # 3. Rows flatten as t_kd rises, to nearly log N at t_kd = 1; untrained networks peak on different
-    # images, with a small diagonal and no class structure; the constructed encoder has both.
+    # images, with a small diagonal and a same-class share near uniform (1/N = 0.05; measured 0.031
+    # to 0.080, diagonal 0.110 to 0.153, shared peaks 0 to 2 of 20); the constructed encoder has both.
     log_n, uniform = c["entropy_by_t_kd"]["log_N"], c["uniform_share"]
     for name in ("P", "Q"):
         entropy = c["entropy_by_t_kd"][name]
         assert entropy[0] + 0.1 < entropy[1] < entropy[2] < log_n and log_n - entropy[2] < 0.05, name
         untrained = c["structure_untrained"][name]
-        assert untrained["diagonal"] < 0.3 and abs(untrained["same class"] - uniform) < 0.03, name
+        assert untrained["diagonal"] < 0.3 and untrained["same class"] < 2 * uniform, name
     assert c["same_peak"] <= 5  # of 20 rows: "in most rows, on different images"
     built = c["structure_constructed"]
     assert built["diagonal"] > 0.5 and built["same class"] > 2 * uniform and 1 - built["diagonal"] - built["same class"] < 0.05
-    # 4. dogo_kl is the formula of the text, the two directions differ, and the stop-gradient
-    # leaves the peer without a gradient while every tensor of network 1 gets one.
+    assert built["same class"] > 2 * max(c["structure_untrained"][name]["same class"] for name in ("P", "Q"))
+    # 4. dogo_kl is the formula of the text, the two directions differ (by 0.033 to 0.33), and the
+    # stop-gradient leaves the peer without a gradient while every tensor of network 1 gets one.
     kl = c["kl"]
-    assert kl["dogo_kl"] == pytest.approx(kl["by_hand"], rel=1e-4) and abs(kl["dogo_kl"] - kl["reverse"]) > 0.05
+    assert kl["dogo_kl"] == pytest.approx(kl["by_hand"], rel=1e-4) and abs(kl["dogo_kl"] - kl["reverse"]) > 0.01
     (got_1, of_1), (got_2, of_2) = c["grads"]["network_1"], c["grads"]["network_2"]
     assert got_1 == of_1 > 0 and got_2 == 0 and of_2 > 0
-    # 5. Training: the solo student and both peers fall below chance; the student at the authors'
-    # weight ends much nearer chance than the solo student, with rows of P almost uniform; its KL
-    # falls below half its start, then rises; the smaller weight is in between, far from solo.
+    # 5. Training losses: the solo student and both peers fall below chance; the student at the
+    # authors' weight ends much nearer chance than the solo student, with rows of P almost uniform;
+    # its KL falls below half its start, then rises; the smaller weight is in between, far from solo.
     chance, ntxent, after = c["chance"], c["ntxent"], c["structure_after"]
     last = {name: v[1] for name, v in ntxent.items()}
-    assert last["solo student"] < chance - 0.15
-    assert last["dogo_authors peer"] < chance - 0.1 and last["dogo_small peer"] < chance - 0.1
+    assert last["solo student"] < chance - 0.15                                       # min 0.197 (3/1)
+    assert last["dogo_authors peer"] < chance - 0.1 and last["dogo_small peer"] < chance - 0.1  # min 0.128 (3/2)
     assert chance - last["dogo_authors student"] < last["dogo_authors student"] - last["solo student"]
-    assert last["solo student"] + 0.1 < last["dogo_small student"] < last["dogo_authors student"] - 0.01
-    assert after["solo student"]["diagonal"] > 2 * uniform and after["solo student"]["same class"] > uniform + 0.01
-    assert after["dogo_authors student"]["entropy"] > log_n - 0.1
-    assert after["dogo_small student"]["entropy"] > after["solo student"]["entropy"] + 0.5
-    for key, course in c["kl_student"].items():
+    assert last["solo student"] + 0.1 < last["dogo_small student"]                    # min 0.127 (3/1)
+    assert last["dogo_small student"] < last["dogo_authors student"] - 0.01           # min 0.022 (2/1)
+    # The solo student's rows sharpen (entropy down by 0.52 (0/1) to 1.06); the DoGo students' flatten.
+    assert after["solo student"]["entropy"] < after["untrained student"]["entropy"] - 0.3
+    assert after["dogo_authors student"]["entropy"] > log_n - 0.1                     # min 2.950 (1/2)
+    assert after["dogo_small student"]["entropy"] > after["solo student"]["entropy"] + 0.5  # min 1.54 (2/2)
+    for key, course in c["kl_student"].items():  # lowest/step 1 at most 0.44 (1/1); rise min 0.38 (3/2)
         assert course["lowest"] < 0.5 * course["step 1"] and course["last 8 steps"] > course["lowest"] + 0.2, key
-    # 6. Evaluation: solo beats the untrained student beyond the error bars on both protocols; the
-    # DoGo student at the authors' weight ends below solo beyond the error bars, and no better than
-    # the untrained student on the linear probe; the one at the smaller weight ends below solo.
+    # 5. The kNN monitor (256 test images): every network ends above where it started (students by
+    # min 5.9 (0/2), peers by min 4.3 (4/1)); the students also above the untrained floor, which is
+    # their step 0; solo ends above the student at the authors' weight (min 2.3 (2/1)), and the
+    # smaller weight above the authors' (min 1.2 (2/1)). Solo and the smaller weight: no ordering.
+    curves, floor = c["knn_curves"], c["knn_floor"]
+    assert c["knn_steps"][0] == 0 and c["knn_steps"][-1] == 64 and len(c["knn_steps"]) == 9
+    for name, curve in curves.items():
+        assert len(curve) == len(c["knn_steps"]), name
+        assert curve[-1] > curve[0] + (4 if name.endswith("student") else 3), (name, curve)
+        if name.endswith("student"):
+            assert curve[0] == floor, name  # every student starts from the same weights
+    assert curves["solo student"][-1] > curves["dogo_authors student"][-1] + 1
+    assert curves["dogo_small student"][-1] > curves["dogo_authors student"][-1] + 0.5
+    # 6. Evaluation (1,000 test images): every student beats the untrained one on kNN beyond the
+    # error bars (gaps min 7.6 (0/2), bars at most 4.1); solo beats it on the linear probe (min 0.5
+    # (2/2): beyond the bars except in seed 2), by more on kNN than on linear (in every run); the
+    # DoGo student at the authors' weight ends below solo on both (kNN min 0.5 (2/2), linear min 1.5
+    # (2/2)) and no better than the untrained student on the linear probe beyond the bars.
     r = c["results"]
 
     def gap(a, b, protocol):  # (a - b, two standard errors of the difference)
         return r[a][protocol] - r[b][protocol], 2 * math.hypot(r[a][protocol + "_se"], r[b][protocol + "_se"])
 
+    for student in ("solo", "dogo_authors", "dogo_small"):
+        difference, bar = gap(student, "untrained", "knn")
+        assert difference > bar, (student, difference, bar)
+    assert gap("solo", "untrained", "linear")[0] > 0
+    assert gap("solo", "untrained", "knn")[0] > gap("solo", "untrained", "linear")[0]  # "larger on kNN"
     for protocol in ("knn", "linear"):
-        difference, bar = gap("solo", "untrained", protocol)
-        assert difference > bar, (protocol, difference, bar)
-        difference, bar = gap("dogo_authors", "solo", protocol)
-        assert difference < -bar, (protocol, difference, bar)
-        assert gap("dogo_small", "solo", protocol)[0] < -2, protocol  # points
-    assert gap("solo", "untrained", "knn")[0] > gap("solo", "untrained", "linear")[0]  # "by more on kNN"
+        assert gap("dogo_authors", "solo", protocol)[0] < 0, protocol
     difference, bar = gap("dogo_authors", "untrained", "linear")
     assert difference < bar, (difference, bar)
     # Appendix: the authors' reduction is the KL divided by N, at every batch size.
@@ -2177,14 +2200,18 @@ def check_tutorial_claims(c):
 def test_tutorial_notebook_runs_and_its_claims_hold(tmp_path, monkeypatch):
     """tutorial.ipynb is committed executed, and its committed outputs support every claim of its
     text; re-executed top to bottom in a temporary folder, so that nothing lands in the repository
-    (about a minute and a half on two idle CPU cores), it raises no error and its new results
-    support every claim too."""
+    (about a minute on two idle CPU cores), it raises no error, writes its claims to
+    tutorial_claims.json there, and its new results support every claim too."""
     committed = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
     assert all(cell.execution_count for cell in committed.cells if cell.cell_type == "code"), \
         "tutorial.ipynb must be committed executed, with its outputs"
     check_tutorial_claims(tutorial_claims(committed))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
+    monkeypatch.delenv("TUTORIAL_SEED", raising=False)  # the seed of the committed outputs
     rerun = nbformat.read(os.path.join(HERE, "tutorial.ipynb"), as_version=4)
     NotebookClient(rerun, kernel_name="python3", timeout=600,
                    resources={"metadata": {"path": str(tmp_path)}}).execute()  # raises on a cell error
-    check_tutorial_claims(tutorial_claims(rerun))
+    with open(tmp_path / "tutorial_claims.json") as f:
+        claims = json.load(f)
+    assert claims == tutorial_claims(rerun)
+    check_tutorial_claims(claims)

@@ -1004,9 +1004,10 @@ class KnnMonitor:
         figures = {}
         for name, net in zip(("knn", "knn_peer"), networks):
             if net is not None:
+                was_training = net.training
                 net.eval()  # BatchNorm normalises with its running statistics, and leaves them as they are
                 bank, test = (self.features(net.encoder, images) for images in self.images)
-                net.train()
+                net.train(was_training)
                 figures[name] = knn_accuracy(bank, self.labels[0], test, self.labels[1], self.num_classes)
         return figures
 

@@ -767,8 +767,8 @@ def main(argv=None):
     """The command line; returns the result line as a dict, so that Python can drive it too."""
     try:
         return evaluate(parse_flags(EvalConfig, argv, "eval_linear.py", __doc__.splitlines()[0])[0])
-    except UsageError as err:
-        print(f"eval_linear.py: error: {err}", file=sys.stderr)
+    except UsageError as err:  # dogo.last_line: a loader worker's error arrives with its traceback
+        print(f"eval_linear.py: error: {dogo.last_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -588,10 +588,13 @@ def test_an_image_that_breaks_mid_epoch_is_one_line_and_keeps_the_checkpoint(tmp
     (root / "train" / "dog" / "3.png").write_bytes(png[:len(png) // 2])  # its header reads, its pixels do not
     capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
-        dogo.main(["--resume", os.path.join(out, "checkpoint.pt"), "--epochs", "2"])
+        # --workers 0: a resume picks its own (here 2), and loader processes ignore SIGTERM, so after
+        # an error they would outlive it and block this process's exit for ever
+        dogo.main(["--resume", os.path.join(out, "checkpoint.pt"), "--epochs", "2", "--workers", "0"])
     err = capsys.readouterr().err
-    assert stop.value.code == 2 and err.count("\n") == 1 and "truncated" in err and "checkpoint on disk is kept" in err
-    assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 2  # the first epoch's
+    assert stop.value.code == 2 and err.count("\n") == 1 and "truncated" in err and "3.png" in err, err
+    assert f"{os.path.join(out, 'checkpoint.pt')} is kept as it was" in err
+    assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))[0]["step"] == 2  # the first epoch's
 
 
 def test_folder_links_neither_loop_nor_repeat_images(tmp_path):
@@ -600,7 +603,13 @@ def test_folder_links_neither_loop_nor_repeat_images(tmp_path):
     os.symlink(root / "train" / "dog" / "b", root / "train" / "dog" / "a")  # two links pointing at each other
     os.symlink(root / "train" / "dog" / "a", root / "train" / "dog" / "b")
     os.symlink(root / "train" / "cat" / "0.png", root / "train" / "dog" / "linked.png")  # a linked file counts
+    # Hidden: Jupyter's copies (a class of their own, or copies inside a class), and macOS's ._ files (no images)
+    for folder in (root / "train" / ".ipynb_checkpoints", root / "train" / "cat" / ".ipynb_checkpoints"):
+        os.makedirs(folder)
+        (folder / "0-checkpoint.png").write_bytes((root / "train" / "cat" / "0.png").read_bytes())
+    (root / "train" / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 resource fork")
     data = dogo.load_dataset("imagefolder", str(root), "ssl")
+    assert data.classes == ["cat", "dog"]
     assert sorted(os.path.relpath(p, root) for p, _ in data.samples) == sorted(
         [f"train/cat/{i}.png" for i in range(4)] + [f"train/dog/{i}.png" for i in range(4)] + ["train/dog/linked.png"])
 
@@ -1170,9 +1179,9 @@ def test_image_folder_trains_and_finds_its_test_split(tmp_path, capsys):
     assert len(test) == 4 and test.classes == ["cat", "dog"]
     out = str(tmp_path / "run")
     dogo.main(["--dataset", "imagefolder", "--data-dir", str(tmp_path), "--img-size", "16", "--arch",
-               "resnet18", "--peer", "none", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out-dir", out,
+               "wrn10_2", "--peer", "none", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out-dir", out,
                "--epochs", "1"])
-    assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 3  # 12 images / 4
+    assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt"))[0]["step"] == 3  # 12 images / 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1687,6 +1696,52 @@ def test_eval_bad_inputs_end_with_one_line_and_exit_code_2(_eval_checkpoint, tmp
         assert err.startswith("eval_linear.py: error: ") and err.count("\n") == 1, err
         assert expected in err, (argv, err)
     assert not os.path.exists(tmp_path / "r.jsonl")  # nothing half-done is recorded
+
+
+def test_eval_images_of_16_bits_read_as_their_8_bit_twins(tmp_path):
+    """16-bit PNGs (mode I;16), big-endian TIFFs (I;16B) and 32-bit TIFFs (I) keep their contrast."""
+    rng = np.random.default_rng(0)
+    gray = {cls: [rng.integers(0, 256, (6, 6), dtype=np.uint8) for _ in range(2)] for cls in ("a", "b")}
+    gray["a"].append(gray["b"][0])
+    for kind in ("8 bits", "16 bits"):
+        for cls, images in gray.items():
+            os.makedirs(tmp_path / kind / "train" / cls)
+            for i, (g, ext) in enumerate(zip(images, (".png", ".tif", ".tif"))):
+                wide = g.astype(np.uint16) * 257  # 255 -> 65535
+                img = (Image.fromarray(g) if kind == "8 bits" else Image.fromarray(wide) if ext == ".png"
+                       else Image.frombytes("I;16B", (6, 6), wide.astype(">u2").tobytes()) if i == 1
+                       else Image.fromarray(wide.astype(np.int32)))
+                img.save(tmp_path / kind / "train" / cls / f"{i}{ext}")
+    modes = {Image.open(p).mode for p, _ in dogo.load_dataset("imagefolder", str(tmp_path / "16 bits"), "train").samples}
+    assert modes == {"I;16", "I;16B", "I"}
+    eight, sixteen = (dogo.load_dataset("imagefolder", str(tmp_path / kind), "train") for kind in ("8 bits", "16 bits"))
+    for (a, label_a), (b, label_b) in zip(eight, sixteen):
+        assert b.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b)) and label_a == label_b
+    Image.fromarray(np.ones((6, 6), dtype=np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(dogo.UsageError, match="float.tif .floating-point pixels"):
+        dogo.ImageFolder.read(str(tmp_path / "float.tif"))
+
+
+def test_eval_an_image_that_does_not_decode_is_one_line_naming_it(tmp_path, capsys):
+    """Its header reads, so the up-front check passes; extraction, in a loader process, fails on it."""
+    data = _striped_folder(tmp_path / "data", {"train": ("narrow", "wide"), "test": ("narrow", "wide")}, 3)
+    os.makedirs(os.path.join(data, "train", ".ipynb_checkpoints"))  # hidden: not a class
+    with open(os.path.join(data, "train", "wide", "0.png"), "rb") as f, \
+            open(os.path.join(data, "train", ".ipynb_checkpoints", "0-checkpoint.png"), "wb") as copy:
+        copy.write(f.read())
+    bad = os.path.join(data, "test", "wide", "1.png")
+    with open(bad, "rb") as f:
+        png = f.read()
+    with open(bad, "wb") as f:
+        f.write(png[:len(png) // 2])
+    with pytest.raises(SystemExit) as stop:
+        eval_linear.main(["--checkpoint", "random", "--arch", "wrn10_2", "--img-size", "8", "--dataset", "imagefolder",
+                          "--data-dir", data, "--protocol", "knn", "--workers", "1", "--device", "cpu",
+                          "--results", str(tmp_path / "r.jsonl")])
+    out, err = capsys.readouterr()
+    assert "features of the train split (6 images)" in out  # two classes, .ipynb_checkpoints not among them
+    assert stop.value.code == 2 and err.count("\n") == 1 and f"cannot decode the image {bad}" in err, err
+    assert "truncated" in err and not (tmp_path / "r.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -121,7 +121,9 @@ def check_args(cfg):
     require(cfg, "label_fraction", lambda v: 0 < v <= 1, "above 0 and at most 1")
     require(cfg, "label_noise", lambda v: 0 <= v < 1, "at least 0 and below 1")
     require(cfg, "val_fraction", lambda v: 0 <= v < 1, "at least 0 and below 1")
-    require(cfg, "lr", lambda v: 0 < v < math.inf, "a positive number")
+    # Adam's first step moves by lr / (1 - 0.9), which must stay a float32 number
+    require(cfg, "lr", lambda v: 0 < v <= torch.finfo(torch.float32).max / 10,
+            "a positive number up to 3.4e37")
     require(cfg, "weight_decay", lambda v: 0 <= v < math.inf, "0 or more")
     for name in ("img_size", "synthetic_size", "workers", "batch_size"):
         require(cfg, name, lambda v: v >= 0, "0 or more")
@@ -351,7 +353,7 @@ def cached_features(encoder, splits, cfg, info, device):
         print(f"features of the {name} split ({len(data)} images)", flush=True)
         features[name] = extract_features(encoder, LabelledImages.whole(data, transform), device,
                                           EXTRACT_BATCH, cfg.workers)
-        require_finite(features[name][0], f"the {name} features", cfg)
+        require_finite(features[name][0], f"the {name} features of --checkpoint {cfg.checkpoint}", BROKEN)
     if path:
         try:  # temporary file, then rename: a crash never leaves half a cache behind
             torch.save({"key": key, "features": features}, path + ".tmp")
@@ -397,11 +399,19 @@ def data_fingerprint(splits, info):
     return digest.hexdigest()
 
 
-def require_finite(values, what, cfg):
-    """Refuse to score non-finite features or outputs: a figure made from them would mean nothing."""
-    if not torch.isfinite(values).all():
-        raise UsageError(f"{what} of --checkpoint {cfg.checkpoint} are not finite (its weights are broken); "
-                         f"evaluate an earlier checkpoint, or train again with a lower --lr")
+def require_finite(values, what, fix):
+    """Refuse to go on with non-finite features, losses or scores: a figure made from them would mean
+    nothing. fix: what the user can do, for the one line."""
+    if not torch.isfinite(torch.as_tensor(values)).all():
+        raise UsageError(f"{what} are not finite: {fix}")
+
+
+BROKEN = "its weights are broken; evaluate an earlier checkpoint, or train again with a lower --lr"
+
+
+def diverged(cfg):
+    """The fix for a classifier or network whose training went non-finite."""
+    return f"{cfg.protocol} training diverged at --lr {cfg.lr:g}; give a lower --lr"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,6 +546,9 @@ def train_linear(x_fit, y_fit, x_val, y_val, num_classes, epochs, lr, seed, batc
                   + f" | {speed:,.0f} features/s", flush=True)
     if not len(y_val):
         best_theta = theta
+    if not (math.isfinite(loss) and torch.isfinite(best_theta).all()):  # one more wait on the device
+        raise UsageError(f"the linear classifier's loss or weights are not finite after {epochs} epochs: "
+                         f"training diverged at --lr {lr:g}; give a lower --lr")
     classifier.weight.copy_(best_theta[:, :d])
     classifier.bias.copy_(best_theta[:, d])
     val_top1 = 100 * best_correct.item() / len(y_val) if len(y_val) else None
@@ -566,6 +579,7 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, nu
                                                         weight_decay)
     with torch.no_grad():
         scores = classifier(x_test)
+    require_finite(scores, "the linear classifier's test scores", f"give a lower --lr than {lr:g}")
     return {**accuracies(scores, y_test, num_classes), "best_epoch": best_epoch,
             "val_top1": val_top1, "train_images": len(fit), "val_images": len(val)}
 
@@ -608,7 +622,12 @@ def finetune(encoder, feature_dim, fit_set, val_set, num_classes, cfg, lr, devic
             losses.append(loss.item())
             seen += len(y)
         speed = seen / (time.time() - start)
-        val = topk_accuracy(*predict(model, val_set, cfg, device), 1) if len(val_set) else None
+        require_finite(losses, f"the fine-tuning losses of epoch {epoch}", diverged(cfg))
+        val = None
+        if len(val_set):
+            scores, labels = predict(model, val_set, cfg, device)
+            require_finite(scores, f"the validation scores of epoch {epoch}", diverged(cfg))
+            val = topk_accuracy(scores, labels, 1)
         best.update(epoch, val, model)
         print(f"finetune epoch {epoch}/{cfg.epochs} | loss {np.mean(losses):.4f}"
               + (f" | validation top-1 {val:.2f}%" if val is not None else "")
@@ -677,6 +696,7 @@ def frozen_protocol(encoder, splits, kept, labels, num_classes, cfg, info, devic
                                  cfg.standardise)
     else:
         scores = knn_scores(x_train, labels, x_test, num_classes)
+        require_finite(scores, f"the kNN scores of --checkpoint {cfg.checkpoint}", BROKEN)
         fields = {**accuracies(scores, y_test, num_classes), "best_epoch": None, "val_top1": None,
                   "train_images": len(kept), "val_images": 0}
     check_unchanged(encoder, before)
@@ -700,7 +720,7 @@ def finetune_protocol(encoder, splits, kept, labels, num_classes, cfg, info, dev
     model, best = finetune(encoder, info["feature_dim"], fit_set, val_set, num_classes, cfg,
                            cfg.lr, device)
     scores, y_test = predict(model, LabelledImages.whole(splits["test"], transform), cfg, device)
-    require_finite(scores, "the fine-tuned network's test scores", cfg)
+    require_finite(scores, "the fine-tuned network's test scores", diverged(cfg))
     return {**accuracies(scores, y_test, num_classes), "best_epoch": best.epoch,
             "val_top1": best.accuracy, "train_images": len(fit), "val_images": len(val),
             "test_images": len(y_test), "feature_seconds": None, "features_cached": False,

@@ -1698,6 +1698,24 @@ def test_eval_bad_inputs_end_with_one_line_and_exit_code_2(_eval_checkpoint, tmp
     assert not os.path.exists(tmp_path / "r.jsonl")  # nothing half-done is recorded
 
 
+@pytest.mark.parametrize("protocol,lr,message", [("linear", "1e30", "training diverged"),
+                                                 ("finetune", "1e30", "training diverged"),
+                                                 ("linear", "1e38", "--lr must be a positive number up to 3.4e37")])
+def test_eval_a_diverging_classifier_is_an_error_not_a_figure(_eval_checkpoint, tmp_path, capsys, protocol, lr,
+                                                              message):
+    """At 1e30 losses and scores turn NaN within two epochs (a linear probe once recorded 50.00% from
+    them); at 1e38 Adam's first step would overflow float32."""
+    results = tmp_path / "r.jsonl"
+    with pytest.raises(SystemExit) as stop:
+        eval_linear.main(["--checkpoint", _eval_own_copy(_eval_checkpoint, tmp_path / "run"), "--protocol", protocol,
+                          "--lr", lr, "--epochs", "2", "--synthetic-size", "40", "--workers", "0", "--device", "cpu",
+                          "--results", str(results)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert "lower --lr" in err or "up to" in err
+    assert not results.exists()
+
+
 def test_eval_images_of_16_bits_read_as_their_8_bit_twins(tmp_path):
     """16-bit PNGs (mode I;16), big-endian TIFFs (I;16B) and 32-bit TIFFs (I) keep their contrast."""
     rng = np.random.default_rng(0)

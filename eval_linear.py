@@ -59,7 +59,8 @@ class EvalConfig:
     arch: str = flag("", "architecture for --checkpoint random ('' = resnet18); a checkpoint "
                          "names its own", ("",) + dogo.ARCHS)
     img_size: int = flag(0, "input size for --checkpoint random (0 = the dataset's own); a "
-                            "checkpoint's encoder always sees the size it was trained at")
+                            "checkpoint's encoder sees its training size on its training data, "
+                            "else the evaluated dataset's own size, as the authors'")
     # data
     dataset: str = flag("", "'' = the checkpoint's (cifar10 for random); any other is an "
                             "out-of-distribution evaluation", ("",) + tuple(dogo.DATASETS))
@@ -275,6 +276,12 @@ def load_encoder(cfg):
     return net.encoder, info
 
 
+def evaluation_size(info, dataset):
+    """The size the encoder sees the images of `dataset` at: on its training data, its training size; out of
+    distribution, that dataset's own size, as the authors' util/test.py resizes to the evaluated dataset's."""
+    return info["img_size"] if info["trained_on"] in (None, dataset) else dogo.DATASETS[dataset].img_size
+
+
 def check_unchanged(module, before):
     """Raise if any tensor of module's state (weights and BatchNorm statistics) differs from
     `before`, a snapshot taken with {k: v.clone() for k, v in module.state_dict().items()}."""
@@ -337,7 +344,7 @@ def cached_features(encoder, splits, cfg, info, device):
         path = f"{os.path.splitext(cfg.checkpoint)[0]}.{cfg.network}.{info['dataset']}.features.pt"
         key = dict(checkpoint=os.path.abspath(cfg.checkpoint), modified_ns=stat.st_mtime_ns,
                    bytes=stat.st_size, step=info["step"], network=cfg.network,
-                   dataset=info["dataset"], img_size=info["img_size"], data=data_fingerprint(splits, info))
+                   dataset=info["dataset"], img_size=info["eval_size"], data=data_fingerprint(splits, info))
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # none yet, or unreadable (an interrupted copy, say): extract again
@@ -345,9 +352,8 @@ def cached_features(encoder, splits, cfg, info, device):
         if isinstance(saved, dict) and saved.get("key") == key:
             print(f"features: reusing {path}")
             return saved["features"], True
-    # The encoder sees images at the size it was trained at, normalised with the statistics of
-    # the data it is evaluated on: out of distribution, those are not its training data's.
-    transform = dogo.eval_transform(info["img_size"], info["dataset"])
+    # Normalised with the statistics of the data evaluated on: out of distribution, not the training data's.
+    transform = dogo.eval_transform(info["eval_size"], info["dataset"])
     features = {}
     for name, data in splits.items():
         print(f"features of the {name} split ({len(data)} images)", flush=True)
@@ -707,7 +713,7 @@ def frozen_protocol(encoder, splits, kept, labels, num_classes, cfg, info, devic
 def finetune_protocol(encoder, splits, kept, labels, num_classes, cfg, info, device):
     """finetune: the encoder and a new head trained on augmented labelled images, tested at the
     epoch that validates best. Returns the fields of the result line."""
-    start, size = time.time(), info["img_size"]
+    start, size = time.time(), info["eval_size"]
     transform = dogo.eval_transform(size, info["dataset"])
     # Standard supervised augmentation; padding after Normalize fills with the mean colour.
     augment = v2.Compose([transform, v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()])
@@ -734,11 +740,12 @@ def evaluate(cfg):
     cfg = with_protocol_defaults(cfg)
     device = pick_device(cfg.device)
     encoder, info = load_encoder(cfg)
-    info.update(dataset=cfg.dataset or info["trained_on"] or "cifar10",
-                data_dir=cfg.data_dir or info["data_dir"],
-                synthetic_size=cfg.synthetic_size or info["synthetic_size"])
+    dataset = cfg.dataset or info["trained_on"] or "cifar10"
+    info.update(dataset=dataset, data_dir=cfg.data_dir or info["data_dir"],
+                synthetic_size=cfg.synthetic_size or info["synthetic_size"],
+                eval_size=evaluation_size(info, dataset))
     splits = {s: dogo.load_dataset(info["dataset"], info["data_dir"], s, info["synthetic_size"],
-                                   info["img_size"]) for s in ("train", "test")}
+                                   info["eval_size"]) for s in ("train", "test")}
     align_classes(splits["train"], splits["test"])
     all_labels = dataset_labels(splits["train"])
     num_classes = len(getattr(splits["train"], "classes", [])) or int(all_labels.max()) + 1

@@ -246,7 +246,7 @@ def split_validation(labels, fraction, seed):
 def load_encoder(cfg):
     """The encoder f to evaluate (the checkpoint's --network, or an untrained one, seeded, for
     'random') and what it is: {arch, feature_dim, img_size, trained_on, step, data_dir,
-    synthetic_size}."""
+    synthetic_size, sha256} (sha256: of the checkpoint's bytes that were loaded; None for random)."""
     if cfg.checkpoint == "random":
         torch.manual_seed(cfg.seed)
         arch, dataset = cfg.arch or "resnet18", cfg.dataset or "cifar10"
@@ -254,8 +254,8 @@ def load_encoder(cfg):
         net = dogo.SSLNet(arch, img_size)
         return net.encoder, dict(arch=arch, feature_dim=net.feature_dim, img_size=img_size,
                                  trained_on=None, step=0, data_dir="./data",
-                                 synthetic_size=dogo.Config.synthetic_size)
-    ckpt, trained, _ = dogo.load_checkpoint(cfg.checkpoint, flag="--checkpoint", resume=False)
+                                 synthetic_size=dogo.Config.synthetic_size, sha256=None)
+    ckpt, trained, sha256 = dogo.load_checkpoint(cfg.checkpoint, flag="--checkpoint", resume=False)
     if cfg.network == "peer" and ckpt["peer"] is None:
         raise UsageError(f"--network peer: {cfg.checkpoint} was trained alone (--peer none) and has "
                          f"no peer; use --network student")
@@ -272,7 +272,7 @@ def load_encoder(cfg):
                              f"which is for --checkpoint random")
     info = dict(arch=net.arch, feature_dim=net.feature_dim, img_size=trained.img_size,
                 trained_on=trained.dataset, step=ckpt["step"], data_dir=trained.data_dir,
-                synthetic_size=trained.synthetic_size)
+                synthetic_size=trained.synthetic_size, sha256=sha256)
     return net.encoder, info
 
 
@@ -336,18 +336,16 @@ def extract_features(encoder, dataset, device, batch_size=256, workers=0):
 
 def cached_features(encoder, splits, cfg, info, device):
     """{split: (features, labels)} of the train and test splits, extracted once and kept beside
-    the checkpoint; reused while the checkpoint file, the network and the data stay the same.
+    the checkpoint; reused while the checkpoint's bytes, the network and the data stay the same.
     Returns them and whether they came from that cache."""
     path = key = None
     if cfg.checkpoint != "random":  # an untrained encoder is not worth keeping
-        stat = os.stat(cfg.checkpoint)
         path = f"{os.path.splitext(cfg.checkpoint)[0]}.{cfg.network}.{info['dataset']}.features.pt"
-        key = dict(checkpoint=os.path.abspath(cfg.checkpoint), modified_ns=stat.st_mtime_ns,
-                   bytes=stat.st_size, step=info["step"], network=cfg.network,
-                   dataset=info["dataset"], img_size=info["eval_size"], data=data_fingerprint(splits, info))
+        key = dict(checkpoint_sha256=info["sha256"], network=cfg.network, dataset=info["dataset"],
+                   img_size=info["eval_size"], data=data_fingerprint(splits, info))
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # none yet, or unreadable (an interrupted copy, say): extract again
+        except Exception:  # none yet, unreadable (an interrupted copy, say), a name too long: extract again
             saved = None
         if isinstance(saved, dict) and saved.get("key") == key:
             print(f"features: reusing {path}")
@@ -755,13 +753,14 @@ def evaluate(cfg):
     fields = protocol(encoder.to(device), splits, kept, labels, num_classes, cfg, info, device)
 
     result = {
-        "checkpoint": cfg.checkpoint, "step": info["step"], "network": cfg.network,
-        "arch": info["arch"], "trained_on": info["trained_on"], "dataset": info["dataset"],
-        "protocol": cfg.protocol, "label_fraction": cfg.label_fraction,
-        "label_noise": cfg.label_noise, "noise_type": cfg.noise_type, "labels_changed": wrong,
-        "seed": cfg.seed, "epochs": None if cfg.protocol == "knn" else cfg.epochs,
+        "checkpoint": cfg.checkpoint, "checkpoint_sha256": info["sha256"], "step": info["step"],
+        "network": cfg.network, "arch": info["arch"], "trained_on": info["trained_on"],
+        "dataset": info["dataset"], "img_size": info["eval_size"], "protocol": cfg.protocol,
+        "label_fraction": cfg.label_fraction, "label_noise": cfg.label_noise,
+        "noise_type": cfg.noise_type, "labels_changed": wrong, "seed": cfg.seed,
+        "epochs": None if cfg.protocol == "knn" else cfg.epochs,
         **training_settings(cfg), **fields,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **dogo.ran_on(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     for key in ("top1", "top5", "val_top1", "feature_seconds", "train_seconds"):
         result[key] = None if result[key] is None else round(result[key], 2)
@@ -785,7 +784,7 @@ def print_summary(r, path):
     print(f"\n{r['protocol']} evaluation of the {r['network']} {r['arch']} of {r['checkpoint']} "
           f"({trained}) on {r['dataset']}\n"
           f"  labels: {r['train_images']} images to train on, {r['val_images']} to validate, "
-          f"{r['labels_changed']} of them wrong; {r['test_images']} test images\n"
+          f"{r['labels_changed']} of them wrong; {r['test_images']} test images at {r['img_size']} px\n"
           f"{settings}  test top-1 {r['top1']:.2f}%{top5}{chosen}\n"
           f"  time: {features}{r['protocol']} {r['train_seconds']:.1f} s; appended to {path}")
 

@@ -1228,6 +1228,14 @@ def _eval_own_copy(checkpoint, folder):
     return path
 
 
+def _eval_tampered(checkpoint, path, change):
+    """A copy of the checkpoint at `path`, its dict changed in place by change(ckpt)."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    change(ckpt)
+    torch.save(ckpt, path)
+    return str(path)
+
+
 def _eval_image_folder(root, classes, per_class):
     """An ImageFolder dataset of 40 px PNGs: class k has stripes of period 4 + 4 k pixels."""
     rng = np.random.default_rng(0)
@@ -1509,6 +1517,11 @@ def test_eval_linear_beats_chance_leaves_the_encoder_alone_and_caches(_eval_chec
     assert (first["lr"], first["weight_decay"], first["batch_size"], first["standardise"]) == (
         3e-4, 1e-6, 64, False)
     assert [trained[0][i] for i in (5, 6, 8, 9)] == [30, 3e-4, 64, 1e-6]  # epochs, lr, batch, decay
+    # what ran, on what, from which bytes
+    assert (first["torch"], first["torchvision"], first["device"]) == (
+        torch.__version__, dogo.torchvision.__version__, "cpu")
+    with open(checkpoint, "rb") as f:
+        assert first["checkpoint_sha256"] == dogo.hashlib.sha256(f.read()).hexdigest()
     assert trained[0][0].min() >= 0  # raw features: the encoder's ReLU outputs, not standardised
     assert first["features_cached"] is False and first["dataset"] == "synthetic"
     saved = torch.load(checkpoint, weights_only=True)["student"]
@@ -1534,9 +1547,30 @@ def test_eval_linear_beats_chance_leaves_the_encoder_alone_and_caches(_eval_chec
     eval_linear.main(other_data)
     assert len(calls) == 2  # train and test split
     stat = os.stat(checkpoint)
-    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # as a resumed run would
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))  # a copy, a touch: the same bytes
     eval_linear.main(other_data)
-    assert len(calls) == 4
+    assert len(calls) == 2
+
+
+def test_eval_cache_follows_the_checkpoint_s_bytes_not_its_name_size_or_date(_eval_checkpoint, tmp_path, capsys):
+    """Another checkpoint of the same size and date in the same place: new features, never the cache."""
+    original = _eval_own_copy(_eval_checkpoint, tmp_path / "original")
+    flags = ["--protocol", "knn", "--workers", "0", "--device", "cpu"]
+    peer = eval_linear.main(["--checkpoint", original, "--network", "peer", *flags])
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    os.makedirs(tmp_path / "run")
+    _eval_tampered(_eval_checkpoint, path, lambda c: None)
+    first = eval_linear.main(["--checkpoint", path, *flags])
+    stat = os.stat(path)
+    swapped = _eval_tampered(_eval_checkpoint, path,
+                             lambda c: c.update(student=c["peer"], peer=c["student"]))  # one architecture
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    capsys.readouterr()
+    second = eval_linear.main(["--checkpoint", swapped, *flags])
+    assert "features: reusing" not in capsys.readouterr().out and second["features_cached"] is False
+    assert second["checkpoint_sha256"] != first["checkpoint_sha256"]
+    assert second["top1"] == peer["top1"]  # the new student is the old peer, figure and all
 
 
 def test_eval_finetune_with_few_and_noisy_labels(_eval_checkpoint, tmp_path):
@@ -1594,7 +1628,7 @@ def test_eval_out_of_distribution_resizes_to_the_dataset_s_own_size(_eval_checkp
     assert (line["dataset"], line["trained_on"], line["train_images"], line["test_images"]) == (
         "imagefolder", "synthetic", 12, 6)
     # 40 px images seen at imagefolder's 64 px, as the authors' util/test.py sizes them, not the 16 px of training
-    assert shapes and all(s[1:] == (3, 64, 64) for s in shapes)
+    assert shapes and all(s[1:] == (3, 64, 64) for s in shapes) and line["img_size"] == 64
     assert os.path.exists(tmp_path / "run" / "checkpoint.student.imagefolder.features.pt")
 
 

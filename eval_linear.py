@@ -568,8 +568,8 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, nu
     theirs is a plain random split), trains a linear classifier and tests it at the epoch that
     validates best. Every test feature counts (the authors' test loader drops its last partial
     batch: 9,984 of CIFAR's 10,000 images). standardise_features: this project's option, see
-    standardise(). Returns {top1, top5, best_epoch, val_top1, train_images, val_images},
-    accuracies in percent."""
+    standardise(). Returns {top1, top5, best_epoch, val_top1, train_images, val_images,
+    train_steps}, accuracies in percent."""
     device = train_features.device
     y_train = torch.as_tensor(_as_numpy(train_labels), device=device)
     y_test = torch.as_tensor(_as_numpy(test_labels), device=device)
@@ -585,7 +585,8 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, nu
         scores = classifier(x_test)
     require_finite(scores, "the linear classifier's test scores", f"give a lower --lr than {lr:g}")
     return {**accuracies(scores, y_test, num_classes), "best_epoch": best_epoch,
-            "val_top1": val_top1, "train_images": len(fit), "val_images": len(val)}
+            "val_top1": val_top1, "train_images": len(fit), "val_images": len(val),
+            "train_steps": epochs * math.ceil(len(fit) / batch_size)}  # train_linear's batches
 
 
 @torch.no_grad()
@@ -601,19 +602,19 @@ def predict(model, images, cfg, device):
 
 def finetune(encoder, feature_dim, fit_set, val_set, num_classes, cfg, lr, device):
     """The encoder and a new linear head trained together on labelled images, with Adam and a
-    cosine learning-rate schedule. Returns the network at its best validation epoch, and that
-    BestEpoch."""
+    cosine learning-rate schedule. Returns the network at its best validation epoch, that
+    BestEpoch, and the number of optimiser steps taken."""
     torch.manual_seed(cfg.seed)
     model = nn.Sequential(encoder, nn.Linear(feature_dim, num_classes)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    # A batch of one image would stop BatchNorm, so a short last batch is dropped when the set
-    # is larger than a batch (each epoch drops different images).
+    # Every image in every epoch, the last partial batch included; but BatchNorm cannot train on
+    # a batch of one, so a last batch of a single image (a different one each epoch) is dropped.
     loader = DataLoader(fit_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                        drop_last=len(fit_set) > cfg.batch_size,
+                        drop_last=len(fit_set) % cfg.batch_size == 1,
                         generator=torch.Generator().manual_seed(cfg.seed))
     # The schedule is stepped every batch, so its period counts batches, not epochs.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(loader))
-    best = BestEpoch()
+    best, steps = BestEpoch(), 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         start, losses, seen = time.time(), [], 0
@@ -624,7 +625,7 @@ def finetune(encoder, feature_dim, fit_set, val_set, num_classes, cfg, lr, devic
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-            seen += len(y)
+            seen, steps = seen + len(y), steps + 1
         speed = seen / (time.time() - start)
         require_finite(losses, f"the fine-tuning losses of epoch {epoch}", diverged(cfg))
         val = None
@@ -637,7 +638,7 @@ def finetune(encoder, feature_dim, fit_set, val_set, num_classes, cfg, lr, devic
               + (f" | validation top-1 {val:.2f}%" if val is not None else "")
               + f" | {speed:.0f} img/s", flush=True)
     best.restore(model)
-    return model, best
+    return model, best, steps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -702,7 +703,7 @@ def frozen_protocol(encoder, splits, kept, labels, num_classes, cfg, info, devic
         scores = knn_scores(x_train, labels, x_test, num_classes)
         require_finite(scores, f"the kNN scores of --checkpoint {cfg.checkpoint}", BROKEN)
         fields = {**accuracies(scores, y_test, num_classes), "best_epoch": None, "val_top1": None,
-                  "train_images": len(kept), "val_images": 0}
+                  "train_images": len(kept), "val_images": 0, "train_steps": None}
     check_unchanged(encoder, before)
     return {**fields, "test_images": len(y_test), "feature_seconds": feature_seconds,
             "features_cached": cached, "train_seconds": time.time() - start}
@@ -721,14 +722,14 @@ def finetune_protocol(encoder, splits, kept, labels, num_classes, cfg, info, dev
                          f"--label-fraction {cfg.label_fraction} leaves {len(fit)}; raise it")
     fit_set = LabelledImages(splits["train"], kept[fit], labels[fit], augment)
     val_set = LabelledImages(splits["train"], kept[val], labels[val], transform)
-    model, best = finetune(encoder, info["feature_dim"], fit_set, val_set, num_classes, cfg,
-                           cfg.lr, device)
+    model, best, steps = finetune(encoder, info["feature_dim"], fit_set, val_set, num_classes, cfg,
+                                  cfg.lr, device)
     scores, y_test = predict(model, LabelledImages.whole(splits["test"], transform), cfg, device)
     require_finite(scores, "the fine-tuned network's test scores", diverged(cfg))
     return {**accuracies(scores, y_test, num_classes), "best_epoch": best.epoch,
             "val_top1": best.accuracy, "train_images": len(fit), "val_images": len(val),
-            "test_images": len(y_test), "feature_seconds": None, "features_cached": False,
-            "train_seconds": time.time() - start}
+            "train_steps": steps, "test_images": len(y_test), "feature_seconds": None,
+            "features_cached": False, "train_seconds": time.time() - start}
 
 
 def evaluate(cfg):
@@ -781,12 +782,13 @@ def print_summary(r, path):
         + {True: ", standardised features", False: ", raw features", None: ""}[r["standardise"]] + "\n")
     cache = " (cached)" if r["features_cached"] else ""
     features = f"features {r['feature_seconds']:.1f} s{cache}, " if r["feature_seconds"] is not None else ""
+    steps = f" ({r['train_steps']} steps)" if r["train_steps"] is not None else ""
     print(f"\n{r['protocol']} evaluation of the {r['network']} {r['arch']} of {r['checkpoint']} "
           f"({trained}) on {r['dataset']}\n"
           f"  labels: {r['train_images']} images to train on, {r['val_images']} to validate, "
           f"{r['labels_changed']} of them wrong; {r['test_images']} test images at {r['img_size']} px\n"
           f"{settings}  test top-1 {r['top1']:.2f}%{top5}{chosen}\n"
-          f"  time: {features}{r['protocol']} {r['train_seconds']:.1f} s; appended to {path}")
+          f"  time: {features}{r['protocol']} {r['train_seconds']:.1f} s{steps}; appended to {path}")
 
 
 def main(argv=None):

@@ -1513,6 +1513,7 @@ def test_eval_linear_beats_chance_leaves_the_encoder_alone_and_caches(_eval_chec
     first = eval_linear.main(flags)
     assert first["top1"] >= 18, first  # chance is 10%: 18% of 150 test images has p < 1e-3
     assert (first["train_images"], first["val_images"], first["test_images"]) == (510, 90, 150)
+    assert first["train_steps"] == 30 * 8 and first["img_size"] == 16  # 510 = 7 x 64 + 62
     # the authors' probe unless told otherwise: what the line records is what trained
     assert (first["lr"], first["weight_decay"], first["batch_size"], first["standardise"]) == (
         3e-4, 1e-6, 64, False)
@@ -1573,23 +1574,36 @@ def test_eval_cache_follows_the_checkpoint_s_bytes_not_its_name_size_or_date(_ev
     assert second["top1"] == peer["top1"]  # the new student is the old peer, figure and all
 
 
-def test_eval_finetune_with_few_and_noisy_labels(_eval_checkpoint, tmp_path):
+def test_eval_finetune_with_few_and_noisy_labels(_eval_checkpoint, tmp_path, monkeypatch, capsys):
     checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
     before = os.stat(checkpoint).st_mtime_ns
-    run = run_eval("--checkpoint", checkpoint, "--protocol", "finetune", "--synthetic-size", "120",
-                   "--label-fraction", "0.25", "--val-fraction", "0.34", "--label-noise", "0.2",
-                   "--epochs", "1", "--batch-size", "32", "--workers", "0", "--device", "cpu")
-    assert run.returncode == 0, run.stderr
-    assert "finetune epoch 1/1" in run.stdout and "test top-1" in run.stdout
-    [line] = _eval_lines(tmp_path / "run" / "results.jsonl")
+    flags = ["--checkpoint", checkpoint, "--protocol", "finetune", "--batch-size", "32", "--workers", "0",
+             "--device", "cpu"]
+    line = eval_linear.main(flags + ["--synthetic-size", "120", "--label-fraction", "0.25", "--val-fraction",
+                                     "0.34", "--label-noise", "0.2", "--epochs", "1"])
+    assert "finetune epoch 1/1" in capsys.readouterr().out
     # 120 images, 12 per class; 0.25 keeps 3 per class; 0.2 noise changes round(0.2 * 30) labels
     assert line["train_images"] + line["val_images"] == 30 and line["val_images"] >= 5
-    assert line["labels_changed"] == 6 and line["test_images"] == 30
+    assert line["labels_changed"] == 6 and line["test_images"] == 30 and line["train_steps"] == 1
     assert (line["protocol"], line["label_noise"], line["noise_type"], line["epochs"]) == (
         "finetune", 0.2, "symmetric", 1)
     assert is_share_of(line["top1"], 30)
     assert os.stat(checkpoint).st_mtime_ns == before
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "results.jsonl"]  # no cache
+
+
+def test_eval_finetune_trains_on_every_kept_image_in_every_epoch():
+    """A last partial batch stays; only a last batch of a single image is dropped (for BatchNorm)."""
+    torch.manual_seed(0)
+    net = dogo.SSLNet("wrn10_2", 8)
+    seen = []
+    net.encoder.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])) if module.training else None)
+    cfg = eval_linear.EvalConfig(epochs=2, batch_size=4, workers=0, protocol="finetune")
+    for n, batches in ((10, [4, 4, 2]), (9, [4, 4]), (8, [4, 4])):
+        images = [(torch.rand(3, 8, 8), i % 2) for i in range(n)]
+        seen.clear()
+        _, _, steps = eval_linear.finetune(net.encoder, net.feature_dim, images, [], 2, cfg, 1e-3, torch.device("cpu"))
+        assert seen == batches * 2 and steps == 2 * len(batches), n
 
 
 def test_eval_uses_the_checkpoint_s_synthetic_data_by_default(_eval_checkpoint, tmp_path):

@@ -28,6 +28,8 @@ File layout: config, labels (few and noisy), encoder, features, the three protoc
 import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -350,6 +352,7 @@ def cached_features(encoder, splits, cfg, info, device):
         if isinstance(saved, dict) and saved.get("key") == key:
             print(f"features: reusing {path}")
             return saved["features"], True
+        path = path if writable(path, "keep the features in") else None
     # Normalised with the statistics of the data evaluated on: out of distribution, not the training data's.
     transform = dogo.eval_transform(info["eval_size"], info["dataset"])
     features = {}
@@ -359,12 +362,51 @@ def cached_features(encoder, splits, cfg, info, device):
                                           EXTRACT_BATCH, cfg.workers)
         require_finite(features[name][0], f"the {name} features of --checkpoint {cfg.checkpoint}", BROKEN)
     if path:
-        try:  # temporary file, then rename: a crash never leaves half a cache behind
-            torch.save({"key": key, "features": features}, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        except OSError as err:
-            print(f"note: cannot keep the features in {path} ({err.strerror}); they are not cached")
+        try:
+            with folder_locked(path), dogo.atomic_file(path) as f:
+                torch.save({"key": key, "features": features}, f)
+        except UsageError as err:  # a full disk: torch reports it as a RuntimeError, atomic_file as this
+            print(f"note: the features are not cached: {err}")
     return features, False
+
+
+@contextlib.contextmanager
+def folder_locked(path):
+    """Hold the lock of path's folder: evaluations of one checkpoint may run side by side, and each
+    rewrites the results file whole, so no two may read and write it, or its temporary file, at once."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def probe(path):
+    """Raise OSError unless path can be written whole as dogo.atomic_file writes it (its folder made
+    if need be): a folder in its place, a regular file above it, a name too long all fail here."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a folder is there")
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise NotADirectoryError(errno.ENOTDIR, f"{above} is a file, not a folder")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with folder_locked(path):
+        with open(path + ".tmp", "wb"):
+            pass
+        os.remove(path + ".tmp")
+
+
+def writable(path, purpose):
+    """Whether path can be written (see probe); if not, a note says so and the run goes on without it."""
+    try:
+        probe(path)
+        return True
+    except OSError as err:
+        print(f"note: cannot {purpose} {path} ({err.strerror or err}); going on without it")
+        return False
 
 
 def align_classes(train, test):
@@ -645,17 +687,36 @@ def finetune(encoder, feature_dim, fit_set, val_set, num_classes, cfg, lr, devic
 # Main
 # ------------------------------------------------------------------------------------------------
 def results_path(cfg):
-    """The --results file, checked to be writable before the long computation starts."""
+    """The --results file, checked to be writable (and, if it exists, readable: it is rewritten
+    with its old lines) before the long computation starts."""
     folder = os.path.dirname(cfg.checkpoint) if cfg.checkpoint != "random" else ""
     path = cfg.results or os.path.join(folder, "results.jsonl")
-    parent = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(parent, exist_ok=True)
+        probe(path)
+        if os.path.exists(path):
+            open(path, "rb").close()
     except OSError as err:
-        raise UsageError(f"--results {path}: cannot make its folder ({err.strerror})") from None
-    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
-        raise UsageError(f"--results {path}: not writable; give another file")
+        raise UsageError(f"--results {path}: cannot write there ({err.strerror or err}); "
+                         f"give another file") from None
     return path
+
+
+def append_result(path, result):
+    """Add the result's JSON line to the file, rewritten whole: a write that fails (a full disk)
+    leaves the file as it was, where appending in place could leave half a line in it."""
+    with folder_locked(path):
+        try:
+            with open(path, "rb") as f:
+                old = f.read()
+        except FileNotFoundError:
+            old = b""
+        except OSError as err:
+            raise UsageError(f"--results {path}: cannot read it ({err.strerror}); give another "
+                             f"file") from None
+        if old and not old.endswith(b"\n"):  # a line cut short earlier stays apart from the new one
+            old += b"\n"
+        with dogo.atomic_file(path) as f:
+            f.write(old + (json.dumps(result) + "\n").encode())
 
 
 def training_labels(labels, num_classes, dataset, cfg):
@@ -739,6 +800,7 @@ def evaluate(cfg):
     cfg = with_protocol_defaults(cfg)
     device = pick_device(cfg.device)
     encoder, info = load_encoder(cfg)
+    out = results_path(cfg)  # after the checkpoint, which names its default folder
     dataset = cfg.dataset or info["trained_on"] or "cifar10"
     info.update(dataset=dataset, data_dir=cfg.data_dir or info["data_dir"],
                 synthetic_size=cfg.synthetic_size or info["synthetic_size"],
@@ -749,7 +811,6 @@ def evaluate(cfg):
     all_labels = dataset_labels(splits["train"])
     num_classes = len(getattr(splits["train"], "classes", [])) or int(all_labels.max()) + 1
     kept, labels, wrong = training_labels(all_labels, num_classes, info["dataset"], cfg)
-    out = results_path(cfg)
     protocol = finetune_protocol if cfg.protocol == "finetune" else frozen_protocol
     fields = protocol(encoder.to(device), splits, kept, labels, num_classes, cfg, info, device)
 
@@ -765,13 +826,13 @@ def evaluate(cfg):
     }
     for key in ("top1", "top5", "val_top1", "feature_seconds", "train_seconds"):
         result[key] = None if result[key] is None else round(result[key], 2)
-    with open(out, "a") as f:
-        f.write(json.dumps(result) + "\n")
-    print_summary(result, out)
+    print_summary(result)  # first: a disk too full for the line still shows the figure
+    append_result(out, result)
+    print(f"  appended to {out}")
     return result
 
 
-def print_summary(r, path):
+def print_summary(r):
     """The result line, for a person."""
     trained = f"step {r['step']}, trained on {r['trained_on']}" if r["trained_on"] else "untrained"
     top5 = f", top-5 {r['top5']:.2f}%" if r["top5"] is not None else ""
@@ -788,7 +849,7 @@ def print_summary(r, path):
           f"  labels: {r['train_images']} images to train on, {r['val_images']} to validate, "
           f"{r['labels_changed']} of them wrong; {r['test_images']} test images at {r['img_size']} px\n"
           f"{settings}  test top-1 {r['top1']:.2f}%{top5}{chosen}\n"
-          f"  time: {features}{r['protocol']} {r['train_seconds']:.1f} s{steps}; appended to {path}")
+          f"  time: {features}{r['protocol']} {r['train_seconds']:.1f} s{steps}")
 
 
 def main(argv=None):

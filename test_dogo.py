@@ -1655,7 +1655,11 @@ def _eval_bad_inputs(checkpoint, tmp_path):
                 "student": ckpt["student"], "peer": None}, solo)
     one_class = _eval_image_folder(tmp_path / "one", ("only",), {"train": 3, "test": 2})
     random = ["--checkpoint", "random", "--img-size", "16"]
+    (tmp_path / "a file").write_text("")
     return [
+        (["--checkpoint", checkpoint, "--results", str(tmp_path)], "cannot write there (a folder is there)"),
+        (["--checkpoint", checkpoint, "--results", str(tmp_path / "a file" / "r.jsonl")], "is a file, not a folder"),
+        (["--checkpoint", checkpoint, "--results", str(tmp_path / ("r" * 256))], "File name too long"),
         (["--dataset", "synthetic"], "--checkpoint is missing"),
         (["--checkpoint", str(tmp_path / "nowhere.pt")], "no such file"),
         (["--checkpoint", str(garbage)], "cannot be read as a checkpoint"),
@@ -1737,14 +1741,17 @@ def test_eval_non_finite_features_are_an_error_not_a_figure(_eval_checkpoint, tm
 
 
 def test_eval_bad_inputs_end_with_one_line_and_exit_code_2(_eval_checkpoint, tmp_path, capsys):
-    for argv, expected in _eval_bad_inputs(_eval_checkpoint, tmp_path):
+    checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
+    for argv, expected in _eval_bad_inputs(checkpoint, tmp_path):
         with pytest.raises(SystemExit) as stop:
-            eval_linear.main(argv + ["--workers", "0", "--device", "cpu", "--results", str(tmp_path / "r.jsonl")])
+            eval_linear.main(["--workers", "0", "--device", "cpu", "--results", str(tmp_path / "r.jsonl")] + argv)
         err = capsys.readouterr().err
         assert stop.value.code == 2, argv
         assert err.startswith("eval_linear.py: error: ") and err.count("\n") == 1, err
         assert expected in err, (argv, err)
     assert not os.path.exists(tmp_path / "r.jsonl")  # nothing half-done is recorded
+    assert not [name for folder in (tmp_path, tmp_path / "run") for name in os.listdir(folder)
+                if name.endswith(".features.pt")]  # nor extracted
 
 
 @pytest.mark.parametrize("protocol,lr,message", [("linear", "1e30", "training diverged"),
@@ -1809,6 +1816,42 @@ def test_eval_an_image_that_does_not_decode_is_one_line_naming_it(tmp_path, caps
     assert "features of the train split (6 images)" in out  # two classes, .ipynb_checkpoints not among them
     assert stop.value.code == 2 and err.count("\n") == 1 and f"cannot decode the image {bad}" in err, err
     assert "truncated" in err and not (tmp_path / "r.jsonl").exists()
+
+
+def _eval_with_file_size_limit(limit, *args):
+    """eval_linear.py in a child process that may write files of at most `limit` bytes: a full disk
+    as the process meets it (EFBIG, with SIGXFSZ ignored, where it would otherwise kill)."""
+    import resource
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return subprocess.run([sys.executable, os.path.join(HERE, "eval_linear.py"), *args], cwd=HERE,
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited)
+
+
+def test_eval_a_full_disk_keeps_the_results_file_and_skips_the_cache(_eval_checkpoint, tmp_path):
+    checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
+    results = tmp_path / "run" / "results.jsonl"
+    old = "".join(json.dumps({"old": i, "padding": "x" * 500}) + "\n" for i in range(4))
+    results.write_text(old)
+    run = _eval_with_file_size_limit(len(old) + 100, "--checkpoint", checkpoint, "--protocol", "knn",
+                                     "--workers", "0", "--device", "cpu")
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"cannot save {results}" in run.stderr and "left as it was" in run.stderr
+    assert "note: the features are not cached" in run.stdout and "test top-1" in run.stdout  # the figure, shown
+    assert results.read_text() == old  # every old line, whole
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint.pt", "results.jsonl"]  # no temporary file left
+
+
+def test_eval_a_cache_that_cannot_be_written_is_a_note(_eval_checkpoint, tmp_path, capsys):
+    """A checkpoint name near 255 bytes: the cache's longer name cannot exist; the figure still comes."""
+    checkpoint = tmp_path / ("c" * 240 + ".pt")
+    os.link(_eval_checkpoint, checkpoint)
+    line = eval_linear.main(["--checkpoint", str(checkpoint), "--protocol", "knn", "--workers", "0", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "note: cannot keep the features in" in out and "File name too long" in out
+    assert _eval_lines(tmp_path / "results.jsonl") == [line] and line["features_cached"] is False
 
 
 # ------------------------------------------------------------------------------------------------

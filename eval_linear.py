@@ -38,15 +38,19 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+try:  # seconds of importing torch: a Ctrl-C meanwhile ends in one line, not a traceback
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
 
-import dogo
-from dogo import UsageError, dataset_labels, flag, knn_accuracy, knn_scores, parse_flags, pick_device, require
+    import dogo
+    from dogo import UsageError, dataset_labels, flag, knn_accuracy, knn_scores, parse_flags, pick_device, require
+except KeyboardInterrupt:
+    print("eval_linear.py: stopped by Ctrl-C while starting; nothing was evaluated", file=sys.stderr)
+    sys.exit(130)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -263,11 +267,7 @@ def load_encoder(cfg):
                          f"no peer; use --network student")
     student, peer = dogo.build_networks(trained)
     net = student if cfg.network == "student" else peer
-    try:
-        net.load_state_dict(ckpt[cfg.network])
-    except (RuntimeError, TypeError, AttributeError):  # other shapes, or not weights at all
-        raise UsageError(f"--checkpoint {cfg.checkpoint}: its {cfg.network} weights do not fit a "
-                         f"{net.arch}; give a checkpoint.pt that dogo.py wrote") from None
+    net.load_state_dict(ckpt[cfg.network])  # load_checkpoint has checked every name and shape
     for name, given, own in (("--arch", cfg.arch, net.arch), ("--img-size", cfg.img_size, trained.img_size)):
         if given and given != own:
             raise UsageError(f"{name} {given} differs from the checkpoint's {own}; drop {name}, "
@@ -860,6 +860,7 @@ def main(argv=None):
         print(f"eval_linear.py: error: {dogo.last_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        print("eval_linear.py: stopped by Ctrl-C; nothing was recorded", file=sys.stderr)
         sys.exit(130)
 
 

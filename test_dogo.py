@@ -1678,14 +1678,26 @@ def _eval_bad_inputs(checkpoint, tmp_path):
                 "student": ckpt["student"], "peer": None}, solo)
     one_class = _eval_image_folder(tmp_path / "one", ("only",), {"train": 3, "test": 2})
     random = ["--checkpoint", "random", "--img-size", "16"]
+
+    def tampered(name, change):
+        return ["--checkpoint", _eval_tampered(checkpoint, tmp_path / f"{name}.pt", change)]
+
+    def reshaped(c):
+        c["student"]["encoder.0.weight"] = torch.zeros(16, 3, 5, 5)
+
     (tmp_path / "a file").write_text("")
     return [
+        (tampered("shapes", reshaped), "encoder.0.weight is (16, 3, 5, 5), not (16, 3, 3, 3)"),
+        (tampered("arch", lambda c: c["config"].update(arch="wrn16_2")), "student weights do not fit a wrn16_2"),
+        (tampered("types", lambda c: c["config"].update(img_size="16")), "its config has img_size = '16'"),
+        (tampered("step", lambda c: c.update(step=None)), "its step is None"),
+        (tampered("student", lambda c: c.pop("student")), "its student weights are missing"),
         (["--checkpoint", checkpoint, "--results", str(tmp_path)], "cannot write there (a folder is there)"),
         (["--checkpoint", checkpoint, "--results", str(tmp_path / "a file" / "r.jsonl")], "is a file, not a folder"),
         (["--checkpoint", checkpoint, "--results", str(tmp_path / ("r" * 256))], "File name too long"),
         (["--dataset", "synthetic"], "--checkpoint is missing"),
-        (["--checkpoint", str(tmp_path / "nowhere.pt")], "no such file"),
-        (["--checkpoint", str(garbage)], "cannot be read as a checkpoint"),
+        (["--checkpoint", str(tmp_path / "nowhere.pt")], "cannot be read (No such file or directory)"),
+        (["--checkpoint", str(garbage)], "not a checkpoint"),
         (["--checkpoint", str(solo), "--network", "peer"], "trained alone"),
         (random + ["--label-fraction", "0"], "--label-fraction must be above 0"),
         (random + ["--label-fraction", "1.5"], "--label-fraction must be above 0 and at most 1"),
@@ -1875,6 +1887,22 @@ def test_eval_a_cache_that_cannot_be_written_is_a_note(_eval_checkpoint, tmp_pat
     out = capsys.readouterr().out
     assert "note: cannot keep the features in" in out and "File name too long" in out
     assert _eval_lines(tmp_path / "results.jsonl") == [line] and line["features_cached"] is False
+
+
+def test_eval_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path):
+    """A real SIGINT, sent the moment eval_linear.py starts importing torch (an import hook sends it)."""
+    code = "\n".join([
+        "import os, runpy, signal, sys",
+        "class Interrupt:",
+        "    def find_spec(self, name, path=None, target=None):",
+        "        if name == 'torch':",
+        "            os.kill(os.getpid(), signal.SIGINT)",
+        "sys.meta_path.insert(0, Interrupt())",
+        f"sys.argv = [{os.path.join(HERE, 'eval_linear.py')!r}, '--checkpoint', 'random']",
+        "runpy.run_path(sys.argv[0], run_name='__main__')"])
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 130 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr == "eval_linear.py: stopped by Ctrl-C while starting; nothing was evaluated\n"
 
 
 # ------------------------------------------------------------------------------------------------

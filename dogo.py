@@ -1053,28 +1053,67 @@ class SyntheticShapes(Dataset):
 
 
 # ---- Image folders: listed without loops, every image checked before training ------------------
+class UnreadableImage(UsageError, OSError):
+    """An image file that cannot be decoded: the user's to repair, and a file that failed mid-run (the OSError
+    that main answers by saying the checkpoint on disk is kept)."""
+
+
 class ImageFolder(torchvision.datasets.ImageFolder):
     """torchvision's, but links to other folders inside a class folder are not followed (they can loop forever,
-    or list images twice), and every image's header is read once up front: a broken file is one clear error."""
+    or list images twice), hidden files and folders (.ipynb_checkpoints, macOS's ._ files) are skipped, every
+    image's header is read once up front, and images of any bit depth decode to 8-bit RGB with their contrast:
+    a broken file is one clear error, up front or when its pixels are read."""
 
     def __init__(self, root):
         from PIL import Image
-        super().__init__(root)
+        super().__init__(root, loader=ImageFolder.read)
         tick = time.time()
         for i, (path, _) in enumerate(self.samples):
             try:
                 Image.open(path).close()
             except (OSError, ValueError) as err:  # not an image, truncated, a dangling link, unreadable
-                raise UsageError(f"cannot read the image {path} ({type(err).__name__}); repair or remove it")
+                raise UnreadableImage(f"cannot read the image {path} ({type(err).__name__}); repair or remove it")
             if time.time() - tick > 10:  # a line every 10 s on large folders
                 print(f"checked {i + 1}/{len(self.samples)} images", flush=True)
                 tick = time.time()
 
     @staticmethod
+    def read(path):
+        """The image at path as an 8-bit RGB PIL image. 16-bit images (modes I;16*, and I with values up to 65535,
+        as older Pillows open 16-bit PNGs) are scaled by 255 / 65535: convert("RGB") would clip them to white."""
+        from PIL import Image
+        try:
+            with Image.open(path) as img:
+                img.load()  # the pixels: a file whose header reads may still be truncated
+                if img.mode.startswith("I;16") or img.mode == "I":
+                    pixels = np.asarray(img).astype(np.int64)
+                    if pixels.min() < 0 or pixels.max() > 65535:
+                        raise ValueError(f"{img.mode} values outside 0..65535")
+                    img = Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8), "L")
+                elif img.mode == "F":
+                    raise ValueError("floating-point pixels, of no fixed range")
+                return img.convert("RGB")
+        except Exception as err:  # truncated, corrupt, gone since the listing: PIL raises many kinds
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UnreadableImage(f"cannot decode the image {path} ({reason}); repair or remove it, or save it "
+                                  f"with 8 or 16 bits per channel") from None
+
+    @staticmethod
+    def find_classes(directory):
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    @staticmethod
     def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
-        return [(os.path.join(root, file), label) for name, label in sorted(class_to_idx.items())
-                for root, _, files in sorted(os.walk(os.path.join(directory, name)))
-                for file in sorted(files) if file.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)]
+        samples = []
+        for name, label in sorted(class_to_idx.items()):
+            for root, folders, files in os.walk(os.path.join(directory, name)):  # links to folders: not followed
+                folders[:] = sorted(f for f in folders if not f.startswith("."))  # in place: os.walk skips the rest
+                samples += [(os.path.join(root, file), label) for file in sorted(files) if not file.startswith(".")
+                            and file.lower().endswith(torchvision.datasets.folder.IMG_EXTENSIONS)]
+        return samples
 
 
 # ---- SimCLR's augmentation on the device, a batch at a time (--gpu-augment) --------------------

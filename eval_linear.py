@@ -28,6 +28,8 @@ File layout: config, labels (few and noisy), encoder, features, the three protoc
 import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
 import json
 import math
@@ -36,15 +38,19 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+try:  # seconds of importing torch: a Ctrl-C meanwhile ends in one line, not a traceback
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision.transforms import v2
 
-import dogo
-from dogo import UsageError, dataset_labels, flag, knn_accuracy, knn_scores, parse_flags, pick_device, require
+    import dogo
+    from dogo import UsageError, dataset_labels, flag, knn_accuracy, knn_scores, parse_flags, pick_device, require
+except KeyboardInterrupt:
+    print("eval_linear.py: stopped by Ctrl-C while starting; nothing was evaluated", file=sys.stderr)
+    sys.exit(130)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -59,7 +65,8 @@ class EvalConfig:
     arch: str = flag("", "architecture for --checkpoint random ('' = resnet18); a checkpoint "
                          "names its own", ("",) + dogo.ARCHS)
     img_size: int = flag(0, "input size for --checkpoint random (0 = the dataset's own); a "
-                            "checkpoint's encoder always sees the size it was trained at")
+                            "checkpoint's encoder sees its training size on its training data, "
+                            "else the evaluated dataset's own size, as the authors'")
     # data
     dataset: str = flag("", "'' = the checkpoint's (cifar10 for random); any other is an "
                             "out-of-distribution evaluation", ("",) + tuple(dogo.DATASETS))
@@ -121,7 +128,9 @@ def check_args(cfg):
     require(cfg, "label_fraction", lambda v: 0 < v <= 1, "above 0 and at most 1")
     require(cfg, "label_noise", lambda v: 0 <= v < 1, "at least 0 and below 1")
     require(cfg, "val_fraction", lambda v: 0 <= v < 1, "at least 0 and below 1")
-    require(cfg, "lr", lambda v: 0 < v < math.inf, "a positive number")
+    # Adam's first step moves by lr / (1 - 0.9), which must stay a float32 number
+    require(cfg, "lr", lambda v: 0 < v <= torch.finfo(torch.float32).max / 10,
+            "a positive number up to 3.4e37")
     require(cfg, "weight_decay", lambda v: 0 <= v < math.inf, "0 or more")
     for name in ("img_size", "synthetic_size", "workers", "batch_size"):
         require(cfg, name, lambda v: v >= 0, "0 or more")
@@ -243,7 +252,7 @@ def split_validation(labels, fraction, seed):
 def load_encoder(cfg):
     """The encoder f to evaluate (the checkpoint's --network, or an untrained one, seeded, for
     'random') and what it is: {arch, feature_dim, img_size, trained_on, step, data_dir,
-    synthetic_size}."""
+    synthetic_size, sha256} (sha256: of the checkpoint's bytes that were loaded; None for random)."""
     if cfg.checkpoint == "random":
         torch.manual_seed(cfg.seed)
         arch, dataset = cfg.arch or "resnet18", cfg.dataset or "cifar10"
@@ -251,26 +260,28 @@ def load_encoder(cfg):
         net = dogo.SSLNet(arch, img_size)
         return net.encoder, dict(arch=arch, feature_dim=net.feature_dim, img_size=img_size,
                                  trained_on=None, step=0, data_dir="./data",
-                                 synthetic_size=dogo.Config.synthetic_size)
-    ckpt, trained, _ = dogo.load_checkpoint(cfg.checkpoint, flag="--checkpoint", resume=False)
+                                 synthetic_size=dogo.Config.synthetic_size, sha256=None)
+    ckpt, trained, sha256 = dogo.load_checkpoint(cfg.checkpoint, flag="--checkpoint", resume=False)
     if cfg.network == "peer" and ckpt["peer"] is None:
         raise UsageError(f"--network peer: {cfg.checkpoint} was trained alone (--peer none) and has "
                          f"no peer; use --network student")
     student, peer = dogo.build_networks(trained)
     net = student if cfg.network == "student" else peer
-    try:
-        net.load_state_dict(ckpt[cfg.network])
-    except (RuntimeError, TypeError, AttributeError):  # other shapes, or not weights at all
-        raise UsageError(f"--checkpoint {cfg.checkpoint}: its {cfg.network} weights do not fit a "
-                         f"{net.arch}; give a checkpoint.pt that dogo.py wrote") from None
+    net.load_state_dict(ckpt[cfg.network])  # load_checkpoint has checked every name and shape
     for name, given, own in (("--arch", cfg.arch, net.arch), ("--img-size", cfg.img_size, trained.img_size)):
         if given and given != own:
             raise UsageError(f"{name} {given} differs from the checkpoint's {own}; drop {name}, "
                              f"which is for --checkpoint random")
     info = dict(arch=net.arch, feature_dim=net.feature_dim, img_size=trained.img_size,
                 trained_on=trained.dataset, step=ckpt["step"], data_dir=trained.data_dir,
-                synthetic_size=trained.synthetic_size)
+                synthetic_size=trained.synthetic_size, sha256=sha256)
     return net.encoder, info
+
+
+def evaluation_size(info, dataset):
+    """The size the encoder sees the images of `dataset` at: on its training data, its training size; out of
+    distribution, that dataset's own size, as the authors' util/test.py resizes to the evaluated dataset's."""
+    return info["img_size"] if info["trained_on"] in (None, dataset) else dogo.DATASETS[dataset].img_size
 
 
 def check_unchanged(module, before):
@@ -327,38 +338,75 @@ def extract_features(encoder, dataset, device, batch_size=256, workers=0):
 
 def cached_features(encoder, splits, cfg, info, device):
     """{split: (features, labels)} of the train and test splits, extracted once and kept beside
-    the checkpoint; reused while the checkpoint file, the network and the data stay the same.
+    the checkpoint; reused while the checkpoint's bytes, the network and the data stay the same.
     Returns them and whether they came from that cache."""
     path = key = None
     if cfg.checkpoint != "random":  # an untrained encoder is not worth keeping
-        stat = os.stat(cfg.checkpoint)
         path = f"{os.path.splitext(cfg.checkpoint)[0]}.{cfg.network}.{info['dataset']}.features.pt"
-        key = dict(checkpoint=os.path.abspath(cfg.checkpoint), modified_ns=stat.st_mtime_ns,
-                   bytes=stat.st_size, step=info["step"], network=cfg.network,
-                   dataset=info["dataset"], img_size=info["img_size"], data=data_fingerprint(splits, info))
+        key = dict(checkpoint_sha256=info["sha256"], network=cfg.network, dataset=info["dataset"],
+                   img_size=info["eval_size"], data=data_fingerprint(splits, info))
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # none yet, or unreadable (an interrupted copy, say): extract again
+        except Exception:  # none yet, unreadable (an interrupted copy, say), a name too long: extract again
             saved = None
         if isinstance(saved, dict) and saved.get("key") == key:
             print(f"features: reusing {path}")
             return saved["features"], True
-    # The encoder sees images at the size it was trained at, normalised with the statistics of
-    # the data it is evaluated on: out of distribution, those are not its training data's.
-    transform = dogo.eval_transform(info["img_size"], info["dataset"])
+        path = path if writable(path, "keep the features in") else None
+    # Normalised with the statistics of the data evaluated on: out of distribution, not the training data's.
+    transform = dogo.eval_transform(info["eval_size"], info["dataset"])
     features = {}
     for name, data in splits.items():
         print(f"features of the {name} split ({len(data)} images)", flush=True)
         features[name] = extract_features(encoder, LabelledImages.whole(data, transform), device,
                                           EXTRACT_BATCH, cfg.workers)
-        require_finite(features[name][0], f"the {name} features", cfg)
+        require_finite(features[name][0], f"the {name} features of --checkpoint {cfg.checkpoint}", BROKEN)
     if path:
-        try:  # temporary file, then rename: a crash never leaves half a cache behind
-            torch.save({"key": key, "features": features}, path + ".tmp")
-            os.replace(path + ".tmp", path)
-        except OSError as err:
-            print(f"note: cannot keep the features in {path} ({err.strerror}); they are not cached")
+        try:
+            with folder_locked(path), dogo.atomic_file(path) as f:
+                torch.save({"key": key, "features": features}, f)
+        except UsageError as err:  # a full disk: torch reports it as a RuntimeError, atomic_file as this
+            print(f"note: the features are not cached: {err}")
     return features, False
+
+
+@contextlib.contextmanager
+def folder_locked(path):
+    """Hold the lock of path's folder: evaluations of one checkpoint may run side by side, and each
+    rewrites the results file whole, so no two may read and write it, or its temporary file, at once."""
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def probe(path):
+    """Raise OSError unless path can be written whole as dogo.atomic_file writes it (its folder made
+    if need be): a folder in its place, a regular file above it, a name too long all fail here."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "a folder is there")
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise NotADirectoryError(errno.ENOTDIR, f"{above} is a file, not a folder")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with folder_locked(path):
+        with open(path + ".tmp", "wb"):
+            pass
+        os.remove(path + ".tmp")
+
+
+def writable(path, purpose):
+    """Whether path can be written (see probe); if not, a note says so and the run goes on without it."""
+    try:
+        probe(path)
+        return True
+    except OSError as err:
+        print(f"note: cannot {purpose} {path} ({err.strerror or err}); going on without it")
+        return False
 
 
 def align_classes(train, test):
@@ -397,11 +445,19 @@ def data_fingerprint(splits, info):
     return digest.hexdigest()
 
 
-def require_finite(values, what, cfg):
-    """Refuse to score non-finite features or outputs: a figure made from them would mean nothing."""
-    if not torch.isfinite(values).all():
-        raise UsageError(f"{what} of --checkpoint {cfg.checkpoint} are not finite (its weights are broken); "
-                         f"evaluate an earlier checkpoint, or train again with a lower --lr")
+def require_finite(values, what, fix):
+    """Refuse to go on with non-finite features, losses or scores: a figure made from them would mean
+    nothing. fix: what the user can do, for the one line."""
+    if not torch.isfinite(torch.as_tensor(values)).all():
+        raise UsageError(f"{what} are not finite: {fix}")
+
+
+BROKEN = "its weights are broken; evaluate an earlier checkpoint, or train again with a lower --lr"
+
+
+def diverged(cfg):
+    """The fix for a classifier or network whose training went non-finite."""
+    return f"{cfg.protocol} training diverged at --lr {cfg.lr:g}; give a lower --lr"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,6 +592,9 @@ def train_linear(x_fit, y_fit, x_val, y_val, num_classes, epochs, lr, seed, batc
                   + f" | {speed:,.0f} features/s", flush=True)
     if not len(y_val):
         best_theta = theta
+    if not (math.isfinite(loss) and torch.isfinite(best_theta).all()):  # one more wait on the device
+        raise UsageError(f"the linear classifier's loss or weights are not finite after {epochs} epochs: "
+                         f"training diverged at --lr {lr:g}; give a lower --lr")
     classifier.weight.copy_(best_theta[:, :d])
     classifier.bias.copy_(best_theta[:, d])
     val_top1 = 100 * best_correct.item() / len(y_val) if len(y_val) else None
@@ -551,8 +610,8 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, nu
     theirs is a plain random split), trains a linear classifier and tests it at the epoch that
     validates best. Every test feature counts (the authors' test loader drops its last partial
     batch: 9,984 of CIFAR's 10,000 images). standardise_features: this project's option, see
-    standardise(). Returns {top1, top5, best_epoch, val_top1, train_images, val_images},
-    accuracies in percent."""
+    standardise(). Returns {top1, top5, best_epoch, val_top1, train_images, val_images,
+    train_steps}, accuracies in percent."""
     device = train_features.device
     y_train = torch.as_tensor(_as_numpy(train_labels), device=device)
     y_test = torch.as_tensor(_as_numpy(test_labels), device=device)
@@ -566,8 +625,10 @@ def linear_accuracy(train_features, train_labels, test_features, test_labels, nu
                                                         weight_decay)
     with torch.no_grad():
         scores = classifier(x_test)
+    require_finite(scores, "the linear classifier's test scores", f"give a lower --lr than {lr:g}")
     return {**accuracies(scores, y_test, num_classes), "best_epoch": best_epoch,
-            "val_top1": val_top1, "train_images": len(fit), "val_images": len(val)}
+            "val_top1": val_top1, "train_images": len(fit), "val_images": len(val),
+            "train_steps": epochs * math.ceil(len(fit) / batch_size)}  # train_linear's batches
 
 
 @torch.no_grad()
@@ -583,19 +644,19 @@ def predict(model, images, cfg, device):
 
 def finetune(encoder, feature_dim, fit_set, val_set, num_classes, cfg, lr, device):
     """The encoder and a new linear head trained together on labelled images, with Adam and a
-    cosine learning-rate schedule. Returns the network at its best validation epoch, and that
-    BestEpoch."""
+    cosine learning-rate schedule. Returns the network at its best validation epoch, that
+    BestEpoch, and the number of optimiser steps taken."""
     torch.manual_seed(cfg.seed)
     model = nn.Sequential(encoder, nn.Linear(feature_dim, num_classes)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    # A batch of one image would stop BatchNorm, so a short last batch is dropped when the set
-    # is larger than a batch (each epoch drops different images).
+    # Every image in every epoch, the last partial batch included; but BatchNorm cannot train on
+    # a batch of one, so a last batch of a single image (a different one each epoch) is dropped.
     loader = DataLoader(fit_set, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                        drop_last=len(fit_set) > cfg.batch_size,
+                        drop_last=len(fit_set) % cfg.batch_size == 1,
                         generator=torch.Generator().manual_seed(cfg.seed))
     # The schedule is stepped every batch, so its period counts batches, not epochs.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs * len(loader))
-    best = BestEpoch()
+    best, steps = BestEpoch(), 0
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         start, losses, seen = time.time(), [], 0
@@ -606,32 +667,56 @@ def finetune(encoder, feature_dim, fit_set, val_set, num_classes, cfg, lr, devic
             optimizer.step()
             schedule.step()
             losses.append(loss.item())
-            seen += len(y)
+            seen, steps = seen + len(y), steps + 1
         speed = seen / (time.time() - start)
-        val = topk_accuracy(*predict(model, val_set, cfg, device), 1) if len(val_set) else None
+        require_finite(losses, f"the fine-tuning losses of epoch {epoch}", diverged(cfg))
+        val = None
+        if len(val_set):
+            scores, labels = predict(model, val_set, cfg, device)
+            require_finite(scores, f"the validation scores of epoch {epoch}", diverged(cfg))
+            val = topk_accuracy(scores, labels, 1)
         best.update(epoch, val, model)
         print(f"finetune epoch {epoch}/{cfg.epochs} | loss {np.mean(losses):.4f}"
               + (f" | validation top-1 {val:.2f}%" if val is not None else "")
               + f" | {speed:.0f} img/s", flush=True)
     best.restore(model)
-    return model, best
+    return model, best, steps
 
 
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
 def results_path(cfg):
-    """The --results file, checked to be writable before the long computation starts."""
+    """The --results file, checked to be writable (and, if it exists, readable: it is rewritten
+    with its old lines) before the long computation starts."""
     folder = os.path.dirname(cfg.checkpoint) if cfg.checkpoint != "random" else ""
     path = cfg.results or os.path.join(folder, "results.jsonl")
-    parent = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(parent, exist_ok=True)
+        probe(path)
+        if os.path.exists(path):
+            open(path, "rb").close()
     except OSError as err:
-        raise UsageError(f"--results {path}: cannot make its folder ({err.strerror})") from None
-    if not os.access(path if os.path.exists(path) else parent, os.W_OK):
-        raise UsageError(f"--results {path}: not writable; give another file")
+        raise UsageError(f"--results {path}: cannot write there ({err.strerror or err}); "
+                         f"give another file") from None
     return path
+
+
+def append_result(path, result):
+    """Add the result's JSON line to the file, rewritten whole: a write that fails (a full disk)
+    leaves the file as it was, where appending in place could leave half a line in it."""
+    with folder_locked(path):
+        try:
+            with open(path, "rb") as f:
+                old = f.read()
+        except FileNotFoundError:
+            old = b""
+        except OSError as err:
+            raise UsageError(f"--results {path}: cannot read it ({err.strerror}); give another "
+                             f"file") from None
+        if old and not old.endswith(b"\n"):  # a line cut short earlier stays apart from the new one
+            old += b"\n"
+        with dogo.atomic_file(path) as f:
+            f.write(old + (json.dumps(result) + "\n").encode())
 
 
 def training_labels(labels, num_classes, dataset, cfg):
@@ -677,8 +762,9 @@ def frozen_protocol(encoder, splits, kept, labels, num_classes, cfg, info, devic
                                  cfg.standardise)
     else:
         scores = knn_scores(x_train, labels, x_test, num_classes)
+        require_finite(scores, f"the kNN scores of --checkpoint {cfg.checkpoint}", BROKEN)
         fields = {**accuracies(scores, y_test, num_classes), "best_epoch": None, "val_top1": None,
-                  "train_images": len(kept), "val_images": 0}
+                  "train_images": len(kept), "val_images": 0, "train_steps": None}
     check_unchanged(encoder, before)
     return {**fields, "test_images": len(y_test), "feature_seconds": feature_seconds,
             "features_cached": cached, "train_seconds": time.time() - start}
@@ -687,7 +773,7 @@ def frozen_protocol(encoder, splits, kept, labels, num_classes, cfg, info, devic
 def finetune_protocol(encoder, splits, kept, labels, num_classes, cfg, info, device):
     """finetune: the encoder and a new head trained on augmented labelled images, tested at the
     epoch that validates best. Returns the fields of the result line."""
-    start, size = time.time(), info["img_size"]
+    start, size = time.time(), info["eval_size"]
     transform = dogo.eval_transform(size, info["dataset"])
     # Standard supervised augmentation; padding after Normalize fills with the mean colour.
     augment = v2.Compose([transform, v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()])
@@ -697,14 +783,14 @@ def finetune_protocol(encoder, splits, kept, labels, num_classes, cfg, info, dev
                          f"--label-fraction {cfg.label_fraction} leaves {len(fit)}; raise it")
     fit_set = LabelledImages(splits["train"], kept[fit], labels[fit], augment)
     val_set = LabelledImages(splits["train"], kept[val], labels[val], transform)
-    model, best = finetune(encoder, info["feature_dim"], fit_set, val_set, num_classes, cfg,
-                           cfg.lr, device)
+    model, best, steps = finetune(encoder, info["feature_dim"], fit_set, val_set, num_classes, cfg,
+                                  cfg.lr, device)
     scores, y_test = predict(model, LabelledImages.whole(splits["test"], transform), cfg, device)
-    require_finite(scores, "the fine-tuned network's test scores", cfg)
+    require_finite(scores, "the fine-tuned network's test scores", diverged(cfg))
     return {**accuracies(scores, y_test, num_classes), "best_epoch": best.epoch,
             "val_top1": best.accuracy, "train_images": len(fit), "val_images": len(val),
-            "test_images": len(y_test), "feature_seconds": None, "features_cached": False,
-            "train_seconds": time.time() - start}
+            "train_steps": steps, "test_images": len(y_test), "feature_seconds": None,
+            "features_cached": False, "train_seconds": time.time() - start}
 
 
 def evaluate(cfg):
@@ -714,37 +800,39 @@ def evaluate(cfg):
     cfg = with_protocol_defaults(cfg)
     device = pick_device(cfg.device)
     encoder, info = load_encoder(cfg)
-    info.update(dataset=cfg.dataset or info["trained_on"] or "cifar10",
-                data_dir=cfg.data_dir or info["data_dir"],
-                synthetic_size=cfg.synthetic_size or info["synthetic_size"])
+    out = results_path(cfg)  # after the checkpoint, which names its default folder
+    dataset = cfg.dataset or info["trained_on"] or "cifar10"
+    info.update(dataset=dataset, data_dir=cfg.data_dir or info["data_dir"],
+                synthetic_size=cfg.synthetic_size or info["synthetic_size"],
+                eval_size=evaluation_size(info, dataset))
     splits = {s: dogo.load_dataset(info["dataset"], info["data_dir"], s, info["synthetic_size"],
-                                   info["img_size"]) for s in ("train", "test")}
+                                   info["eval_size"]) for s in ("train", "test")}
     align_classes(splits["train"], splits["test"])
     all_labels = dataset_labels(splits["train"])
     num_classes = len(getattr(splits["train"], "classes", [])) or int(all_labels.max()) + 1
     kept, labels, wrong = training_labels(all_labels, num_classes, info["dataset"], cfg)
-    out = results_path(cfg)
     protocol = finetune_protocol if cfg.protocol == "finetune" else frozen_protocol
     fields = protocol(encoder.to(device), splits, kept, labels, num_classes, cfg, info, device)
 
     result = {
-        "checkpoint": cfg.checkpoint, "step": info["step"], "network": cfg.network,
-        "arch": info["arch"], "trained_on": info["trained_on"], "dataset": info["dataset"],
-        "protocol": cfg.protocol, "label_fraction": cfg.label_fraction,
-        "label_noise": cfg.label_noise, "noise_type": cfg.noise_type, "labels_changed": wrong,
-        "seed": cfg.seed, "epochs": None if cfg.protocol == "knn" else cfg.epochs,
+        "checkpoint": cfg.checkpoint, "checkpoint_sha256": info["sha256"], "step": info["step"],
+        "network": cfg.network, "arch": info["arch"], "trained_on": info["trained_on"],
+        "dataset": info["dataset"], "img_size": info["eval_size"], "protocol": cfg.protocol,
+        "label_fraction": cfg.label_fraction, "label_noise": cfg.label_noise,
+        "noise_type": cfg.noise_type, "labels_changed": wrong, "seed": cfg.seed,
+        "epochs": None if cfg.protocol == "knn" else cfg.epochs,
         **training_settings(cfg), **fields,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **dogo.ran_on(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
     for key in ("top1", "top5", "val_top1", "feature_seconds", "train_seconds"):
         result[key] = None if result[key] is None else round(result[key], 2)
-    with open(out, "a") as f:
-        f.write(json.dumps(result) + "\n")
-    print_summary(result, out)
+    print_summary(result)  # first: a disk too full for the line still shows the figure
+    append_result(out, result)
+    print(f"  appended to {out}")
     return result
 
 
-def print_summary(r, path):
+def print_summary(r):
     """The result line, for a person."""
     trained = f"step {r['step']}, trained on {r['trained_on']}" if r["trained_on"] else "untrained"
     top5 = f", top-5 {r['top5']:.2f}%" if r["top5"] is not None else ""
@@ -755,22 +843,24 @@ def print_summary(r, path):
         + {True: ", standardised features", False: ", raw features", None: ""}[r["standardise"]] + "\n")
     cache = " (cached)" if r["features_cached"] else ""
     features = f"features {r['feature_seconds']:.1f} s{cache}, " if r["feature_seconds"] is not None else ""
+    steps = f" ({r['train_steps']} steps)" if r["train_steps"] is not None else ""
     print(f"\n{r['protocol']} evaluation of the {r['network']} {r['arch']} of {r['checkpoint']} "
           f"({trained}) on {r['dataset']}\n"
           f"  labels: {r['train_images']} images to train on, {r['val_images']} to validate, "
-          f"{r['labels_changed']} of them wrong; {r['test_images']} test images\n"
+          f"{r['labels_changed']} of them wrong; {r['test_images']} test images at {r['img_size']} px\n"
           f"{settings}  test top-1 {r['top1']:.2f}%{top5}{chosen}\n"
-          f"  time: {features}{r['protocol']} {r['train_seconds']:.1f} s; appended to {path}")
+          f"  time: {features}{r['protocol']} {r['train_seconds']:.1f} s{steps}")
 
 
 def main(argv=None):
     """The command line; returns the result line as a dict, so that Python can drive it too."""
     try:
         return evaluate(parse_flags(EvalConfig, argv, "eval_linear.py", __doc__.splitlines()[0])[0])
-    except UsageError as err:
-        print(f"eval_linear.py: error: {err}", file=sys.stderr)
+    except UsageError as err:  # dogo.last_line: a loader worker's error arrives with its traceback
+        print(f"eval_linear.py: error: {dogo.last_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
+        print("eval_linear.py: stopped by Ctrl-C; nothing was recorded", file=sys.stderr)
         sys.exit(130)
 
 

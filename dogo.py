@@ -594,7 +594,8 @@ def check_shapes(saved, expected, what, refuse):
         raise refuse(f"{what} (other tensors)")
     for key, tensor in expected.items():
         if not isinstance(saved[key], torch.Tensor) or saved[key].shape != tensor.shape:
-            raise refuse(f"{what}: {key} is {getattr(saved[key], 'shape', saved[key])!r}, not {tensor.shape}")
+            got = tuple(saved[key].shape) if isinstance(saved[key], torch.Tensor) else type(saved[key]).__name__
+            raise refuse(f"{what}: {key} is {got}, not {tuple(tensor.shape)}")
 
 def config_from_checkpoint(config, refuse):
     """A checkpoint's Config, values checked; fields unknown here are dropped (--benchmark), missing ones default."""

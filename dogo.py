@@ -119,9 +119,9 @@ def check_config(cfg):
     """Refuse the numbers that cannot work (argparse checks types and choices); nan and inf fail every check."""
     for name in ("lr", "temperature", "kd_temperature"):  # float32 weights: larger values overflow
         require(cfg, name, lambda v: 0 < v <= torch.finfo(torch.float32).max, "a positive float32 number")
-    for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "knn_every", "knn_images"):
+    for name in ("weight_decay", "kd_weight", "peer_kd_weight", "img_size", "max_steps", "knn_every"):
         require(cfg, name, lambda v: 0 <= v < math.inf, "0 or more")
-    for name in ("epochs", "proj_dim", "log_every"):
+    for name in ("epochs", "proj_dim", "log_every", "knn_images"):
         require(cfg, name, lambda v: v >= 1, "at least 1")
     require(cfg, "batch_size", lambda v: v >= 2, "at least 2 (NT-Xent needs a negative)")
     require(cfg, "synthetic_size", lambda v: v >= 10, "at least 10")
@@ -977,7 +977,7 @@ class KnnMonitor:
         self.labels = [dataset_labels(split) for split in splits]
         rng, labels = np.random.default_rng(0), self.labels[0]  # NumPy's own generator, seeded
         bank = np.arange(len(labels)) if cfg.knn_images >= len(labels) else np.sort(np.concatenate(
-            [rng.permutation(np.flatnonzero(labels == c))[:round(cfg.knn_images * np.mean(labels == c))]
+            [rng.permutation(np.flatnonzero(labels == c))[:max(1, round(cfg.knn_images * np.mean(labels == c)))]
              for c in np.unique(labels)]))
         sized = v2.Compose([v2.ToImage(), v2.Resize(cfg.img_size, antialias=True), v2.CenterCrop(cfg.img_size)])
         self.images = [torch.stack([sized(split[int(i)][0]) for i in chosen]).to(device)  # uint8 (N, 3, S, S)

@@ -505,7 +505,7 @@ BAD_INPUTS = [
     (["--lr", "1e300"], "--lr must be a positive float32 number"),
     (["--kd-weight", "nan"], "--kd-weight must be 0 or more"),
     (["--workers", "-1"], "--workers must be 0 or more"),
-    (["--knn-images", "-5"], "--knn-images must be 0 or more"),
+    (["--knn-images", "0"], "--knn-images must be at least 1"),
     (["--lr", "fast"], "--lr"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
     (["--resume", "no/such/checkpoint.pt"], "No such file"),
@@ -723,6 +723,14 @@ def test_an_error_with_loader_workers_ends_the_process(tmp_path):
                         timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "is kept as it was" in result.stderr, \
         result.stderr
+
+
+@pytest.mark.parametrize("knn_images,per_class", [(3, 1), (40, 4), (10_000, 20)])
+def test_the_knn_bank_is_class_stratified_and_the_same_each_time(knn_images, per_class):
+    cfg = dogo.Config(dataset="synthetic", synthetic_size=200, img_size=8, knn_images=knn_images)
+    banks = [dogo.KnnMonitor(cfg, torch.device("cpu")) for _ in range(2)]
+    assert np.bincount(banks[0].labels[0]).tolist() == [per_class] * 10  # each class at least one image
+    assert torch.equal(banks[0].images[0], banks[1].images[0]) and len(banks[0].labels[1]) == 50
 
 
 def test_an_image_folder_without_a_test_split_trains_without_the_monitor(tmp_path, capsys):

@@ -622,7 +622,7 @@ def test_a_real_run_reads_device_values_once_an_interval_and_once_a_save(tmp_pat
     """The whole loop of a run (augmentation on the device, 8 steps, intervals at steps 1, 4 and 8, saves at 4 and
     8), traced: the step, the augmentation and the bookkeeping read no tensor value on the host; the optimiser's
     CPU step counters and the loader aside, what is read is each save's check of the weights. (The interval's own
-    read, a tolist, happens below the dispatcher on a CPU: the CUDA test below counts it.)"""
+    read, a tolist, happens below the dispatcher on a CPU: it is not counted here.)"""
     with HostReads() as reads:
         dogo.main([*TINY, "--max-steps", "8", "--log-every", "4", "--knn-every", "0", "--gpu-augment",
                    "--out-dir", str(tmp_path / "run")])

@@ -417,6 +417,8 @@ def main(argv=None):
         code, mid_run = (1, True) if isinstance(err, NonFiniteLoss) else (2, isinstance(err, OSError))
         if rank == 0:
             print(f"dogo.py: error: {last_line(err)}{kept_checkpoint(cfg) if mid_run else ''}", file=sys.stderr)
+        with contextlib.suppress(KeyboardInterrupt):  # the others end later: torchrun stops all when one ends,
+            time.sleep(2 if rank else 0)              # and process 0 is the one to say why
     except KeyboardInterrupt as err:  # a second Ctrl-C in the loop, or a stop signal before it
         signum = err.args[0] if err.args else signal.SIGINT  # Python's own Ctrl-C has no number
         code = 128 + signum
@@ -501,7 +503,7 @@ def load_checkpoint(path, flag="--resume", device=torch.device("cpu")):
     try:
         with open(path, "rb") as f:
             data = f.read()
-        ckpt = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # Adam's step counts stay there
         known = {f.name for f in dataclasses.fields(Config)}  # earlier versions' other flags are dropped
         values = {k: v for k, v in ckpt["config"].items() if k in known}
         cfg = check_config(Config(**{**values, "peer_objective": values.get("peer_objective") or "same"}))  # was ''
@@ -671,9 +673,9 @@ class StopSignals:
     def _handle(self, signum, _):
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt(signum)
-        if not (self.signum or self.quiet):
+        first, self.signum = not self.signum, self.signum or signum  # before the print, which a signal can interrupt
+        if first and not self.quiet:
             print(f"\n{signal.Signals(signum).name}: saving after this step (Ctrl-C again aborts without saving)")
-        self.signum = self.signum or signum
     def __exit__(self, *_):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
@@ -856,7 +858,8 @@ def extract_features(encoder, data, device, mean, std, workers=0):
     was_training, start, shown, features, labels = encoder.training, time.time(), time.time(), [], []
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))
     encoder.eval()
-    for x, y in DataLoader(data, batch_size=256, num_workers=workers, pin_memory=device.type == "cuda"):
+    for x, y in DataLoader(data, batch_size=256, num_workers=workers, pin_memory=device.type == "cuda",
+                           generator=torch.Generator()):  # its own: the run's random state stays as it was
         x = (x.to(device, non_blocking=True).float() / 255 - mean) / std
         features.append(encoder(x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x).float())
         labels.append(y.to(device))
@@ -1045,7 +1048,7 @@ def batch_ssl_augmentation(crops, img_size, mean, std, generator=None):
     x = color_jitter_grayscale(x, generator=generator)
     if blur_kernel_size(img_size):
         x = _random_blur(x, blur_kernel_size(img_size), generator=generator)
-    return v2.functional.normalize(x, mean, std)
+    return (x - on_device(tuple(mean), x.device).view(1, 3, 1, 1)) / on_device(tuple(std), x.device).view(1, 3, 1, 1)
 
 if __name__ == "__main__":
     main()

@@ -450,11 +450,11 @@ def parse_flags(config_class, argv=None, prog="dogo.py", doc=""):
     # SUPPRESS: flags not given stay out of the namespace, so that --resume can tell them apart.
     parser = FlagParser(prog=prog, description=doc.splitlines()[0], argument_default=argparse.SUPPRESS,
                         epilog=doc[doc.find("examples:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(config_class):
-        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type,  # --amp, --no-amp
+    for f in dataclasses.fields(config_class):  # a bool gives --amp and --no-amp; a None default, what its help says
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type,
                                                                                         choices=f.metadata["choices"])
-        default = "" if f.default is None else f" (default: {f.default})"  # None: the help tells
-        parser.add_argument("--" + f.name.replace("_", "-"), help=f.metadata["help"] + default, **kind)
+        parser.add_argument("--" + f.name.replace("_", "-"), **kind, help=f.metadata["help"] +
+                            ("" if f.default is None else f" (default: {f.default})"))
     given = vars(parser.parse_args(argv))
     return config_class(**given), set(given)
 
@@ -471,14 +471,13 @@ def atomic_file(path):
         with open(path + ".tmp", "wb") as f:
             yield f
         os.replace(path + ".tmp", path)
-    except BaseException as err:  # a second Ctrl-C too leaves no temporary file; torch says RuntimeError for ENOSPC
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        if not isinstance(err, (OSError, RuntimeError)):
-            raise
-        reason = getattr(err, "strerror", None) or "the write failed: is the disk full?"  # torch's says less
+    except (OSError, RuntimeError) as err:  # torch says RuntimeError for a full disk, and less than the OS
+        reason = getattr(err, "strerror", None) or "the write failed: is the disk full?"
         raise UsageError(f"cannot save {path} ({reason}); the previous one is left as it was: free some space, "
                          f"or give another folder") from None
+    finally:  # after an error or a second Ctrl-C too: no temporary file is left
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
 
 def ran_on(device):
     """What a checkpoint or a result line records of the machine."""
@@ -504,10 +503,8 @@ def load_checkpoint(path, flag="--resume", device=torch.device("cpu")):
         with open(path, "rb") as f:
             data = f.read()
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)  # Adam's step counts stay there
-        known = {f.name for f in dataclasses.fields(Config)}  # earlier versions' other flags are dropped
-        values = {k: v for k, v in ckpt["config"].items() if k in known}
+        values = {k: v for k, v in ckpt["config"].items() if k in Config.__dataclass_fields__}  # older flags: dropped
         cfg = check_config(Config(**{**values, "peer_objective": values.get("peer_objective") or "same"}))  # was ''
-
         networks = build_networks(cfg, device)
         optimizers = build_optimizers(networks, cfg)
         if (networks[1] is None) != (ckpt["peer"] is None):
@@ -533,16 +530,15 @@ def resolve_config(cfg, given=frozenset(), device=torch.device("cpu")):
     except FIXED_ON_RESUME, which must agree; MACHINE never comes from it; the out-dir is its folder by default."""
     cfg = dataclasses.replace(check_config(cfg), img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
-    if cfg.resume == "auto":  # the same command starts a run, then continues it each time a job is requeued
-        auto = os.path.join(cfg.out_dir, OUTPUTS[0])
-        cfg.resume = auto if os.path.exists(auto) else ""
+    auto = os.path.join(cfg.out_dir, OUTPUTS[0])  # --resume auto: the same command starts a run, then continues it
+    cfg.resume = (auto if os.path.exists(auto) else "") if cfg.resume == "auto" else cfg.resume
     if not cfg.resume:
         return cfg, None
     saved = load_checkpoint(cfg.resume, device=device)
     for name in filter(lambda name: name in given and getattr(cfg, name) != getattr(saved.cfg, name), FIXED_ON_RESUME):
         raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the checkpoint's "
                          f"{getattr(saved.cfg, name)}; drop the flag to resume, or start a new run without --resume")
-    cfg = dataclasses.replace(saved.cfg, **{k: getattr(cfg, k) for k in {*given, *MACHINE, "resume", "out_dir"}
+    cfg = dataclasses.replace(saved.cfg, **{k: getattr(cfg, k) for k in {*given, *MACHINE, "resume"}
                                             if k not in FIXED_ON_RESUME})
     cfg.out_dir = cfg.out_dir if "out_dir" in given else os.path.dirname(os.path.abspath(cfg.resume))
     return cfg, saved
@@ -576,12 +572,12 @@ def init_distributed(cfg, device):
     """The number of processes, from torchrun's WORLD_SIZE; their group joined: NCCL on GPUs, else gloo."""
     try:
         world = int(os.environ.get("WORLD_SIZE", 1))
+        if world > 1 and cfg.batch_size % world:
+            raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
+                             f"give a multiple of {world} (it is the global batch, over all processes)")
+        if world > 1 and cfg.sync_bn and device.type != "cuda":
+            raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU; drop the flag")
         if world > 1:
-            if cfg.batch_size % world:
-                raise UsageError(f"--batch-size {cfg.batch_size} does not split evenly over {world} processes; "
-                                 f"give a multiple of {world} (it is the global batch, over all processes)")
-            if cfg.sync_bn and device.type != "cuda":
-                raise UsageError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on CPU; drop the flag")
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -719,8 +715,8 @@ def claim_out_dir(cfg):
 
 # ---- Progress: the losses, the speed and what bounds it, the kNN figures; metrics.csv and its plot
 class Progress:
-    """Intervals of steps: the loss terms stay on the device until one ends, then a line and a row of metrics.csv
-    give their means, images_per_s and data_wait (the share of the time spent waiting for batches)."""
+    """Intervals of steps: the loss terms stay on the device until one ends, then one read gives their means for a
+    line and a row of metrics.csv, with images_per_s and data_wait (the share of the time spent waiting for data)."""
     def __init__(self, cfg, step, total_steps, steps_per_epoch, device, rank=0):
         self.cfg, self.first, self.total, self.per_epoch, self.device = cfg, step, total_steps, steps_per_epoch, device
         self.path, self.rank = os.path.join(cfg.out_dir, OUTPUTS[1]), rank
@@ -728,7 +724,7 @@ class Progress:
         self.interval, self.waited, self.elapsed, self.tick = [], 0.0, 0.0, time.perf_counter()
         self.steady = [0, 0.0]  # images and seconds after this start's first interval, which holds the warm-up
     def timed(self, batches):  # the batches, each one's wait added to the interval's
-        batches, tick = iter(batches), time.perf_counter()
+        tick = time.perf_counter()
         for batch in batches:
             self.waited += time.perf_counter() - tick
             yield batch
@@ -745,7 +741,7 @@ class Progress:
             dist.all_reduce(requested, op=dist.ReduceOp.MAX)
         sums = torch.stack([torch.stack(list(terms.values())) for terms in self.interval]).sum(0)
         *sums, signum = torch.cat([sums.float(), requested]).tolist()  # the interval's one read of device values
-        n, self.elapsed = len(self.interval), self.elapsed + time.perf_counter() - self.tick
+        n, elapsed = len(self.interval), self.elapsed + time.perf_counter() - self.tick
         means = {k: s / n for k, s in zip(self.interval[0], sums)}
         if not all(map(math.isfinite, means.values())):
             low = [name for name in ("temperature", "kd_temperature") if getattr(self.cfg, name) < 0.01]
@@ -753,9 +749,9 @@ class Progress:
                 f"{k} {v:.4g}" for k, v in means.items()) + "); stopped, dropping the weights since the last save; "
                 + (f"raise --{low[0].replace('_', '-')}" if low else f"try a lower --lr than {self.cfg.lr}"))
         if step - n > self.first:
-            self.steady = [self.steady[0] + n * self.cfg.batch_size, self.steady[1] + self.elapsed]
+            self.steady = [self.steady[0] + n * self.cfg.batch_size, self.steady[1] + elapsed]
         row = {"epoch": (step - 1) // self.per_epoch + 1, "step": step, **means,
-               "images_per_s": n * self.cfg.batch_size / self.elapsed, "data_wait": self.waited / self.elapsed}
+               "images_per_s": n * self.cfg.batch_size / elapsed, "data_wait": self.waited / elapsed}
         if self.device.type == "cuda":
             row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         if self.rank == 0:
@@ -763,9 +759,10 @@ class Progress:
             self.save()
             eta = (self.total - step) * self.cfg.batch_size / (self.speed() or row["images_per_s"])
             print(f"epoch {row['epoch']}/{self.cfg.epochs} step {step}/{self.total} | " + " ".join(
-                f"{k} {v:.4f}" for k, v in means.items()) + f" | {row['images_per_s']:.1f} img/s, data wait "
-                f"{row['data_wait']:.2f}" + (f", {row['gpu_mem_gb']:.1f} GB on the GPU" if "gpu_mem_gb" in row else "")
-                + f" | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
+                  f"{k} {v:.4f}" for k, v in means.items()) + f" | {row['images_per_s']:.1f} img/s, "
+                  f"data wait {row['data_wait']:.2f}" +
+                  (f", {row['gpu_mem_gb']:.1f} GB on the GPU" if "gpu_mem_gb" in row else "") +
+                  f" | eta {eta // 3600:.0f}h{eta % 3600 // 60:02.0f}m", flush=True)
         self.interval, self.waited, self.elapsed, self.tick = [], 0.0, 0.0, time.perf_counter()
         return int(signum)
     def speed(self):
@@ -812,8 +809,10 @@ def plot_losses(rows, cfg):
     series = lambda key: [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
     panels = [(title, keys) for title, keys in (("SSL loss", ("ssl", "ssl_peer")), ("KL to the peer", ("kl",
               "kl_peer")), ("kNN top-1 (%)", ("knn", "knn_peer"))) if series(keys[0])]
+    if not panels:
+        return
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
-    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0] if panels else [], panels):
+    for ax, (title, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for key, who, objective, colour in zip(keys, ("student", "peer"), (cfg.objective, peer_objective(cfg)), "br"):
             points = series(key)
             if points:
@@ -825,9 +824,8 @@ def plot_losses(rows, cfg):
             ax.axhline(math.log(2 * cfg.batch_size - 1), color="gray", ls="--", label="NT-Xent at chance")
         ax.set(title=title, xlabel="step", ylabel="top-1 (%)" if title.startswith("kNN") else "loss")
         ax.legend(fontsize=8)
-    if panels:
-        with atomic_file(os.path.join(cfg.out_dir, OUTPUTS[2])) as f:
-            fig.savefig(f, format="png")
+    with atomic_file(os.path.join(cfg.out_dir, OUTPUTS[2])) as f:
+        fig.savefig(f, format="png")
 
 # ---- kNN: one path for the monitor and eval_linear.py ---------------------------------------------
 def dataset_labels(base):
@@ -840,11 +838,10 @@ def align_classes(train, test):
     numbers its own sorted classes, so a class missing from one would shift every label after it."""
     if not hasattr(test, "class_to_idx"):  # CIFAR, STL-10, synthetic: one fixed list of classes
         return
-    unknown = sorted(set(test.classes) - set(train.classes))
+    unknown, missing = sorted(set(test.classes) - set(train.classes)), sorted(set(train.classes) - set(test.classes))
     if unknown:
         raise UsageError(f"the test split has classes that the training split lacks: {', '.join(unknown)}; "
                          f"remove them from the test folder, or add them to train/")
-    missing = sorted(set(train.classes) - set(test.classes))
     if missing:
         print(f"warning: no test images of the classes {', '.join(missing)}; they are scored on the others")
     test.samples = test.imgs = [(path, train.class_to_idx[test.classes[label]]) for path, label in test.samples]
@@ -902,13 +899,13 @@ def knn_monitor(cfg, device):
     align_classes(*splits)
     subsets, rng, info = [], np.random.default_rng(0), DATASETS[cfg.dataset]  # NumPy's generator: torch's is the run's
     for labels, split in ((dataset_labels(s), s) for s in splits):
-        subsets.append(Subset(Transformed(split, resize_crop(cfg.img_size)), np.arange(len(labels))
-                              if cfg.knn_images >= len(labels) else np.sort(np.concatenate([rng.permutation(
-                                  np.flatnonzero(labels == c))[:max(1, round(cfg.knn_images * np.mean(labels == c)))]
-                                  for c in np.unique(labels)]))))
+        share = lambda c: max(1, round(cfg.knn_images * np.mean(labels == c)))  # images of class c
+        kept = np.arange(len(labels)) if cfg.knn_images >= len(labels) else np.sort(np.concatenate(
+            [rng.permutation(np.flatnonzero(labels == c))[:share(c)] for c in np.unique(labels)]))
+        subsets.append(Subset(Transformed(split, resize_crop(cfg.img_size)), kept))
     print(f"kNN monitor: {len(subsets[0])} training images against {len(subsets[1])} test images")
-    return lambda networks: {name: knn_accuracy(*extract_features(net.encoder, subsets[0], device, info.mean, info.std),
-                                                *extract_features(net.encoder, subsets[1], device, info.mean, info.std),
+    features = lambda net, subset: extract_features(net.encoder, subset, device, info.mean, info.std)
+    return lambda networks: {name: knn_accuracy(*features(net, subsets[0]), *features(net, subsets[1]),
                                                 len(splits[0].classes))
                              for name, net in zip(("knn", "knn_peer"), networks) if net is not None}
 
@@ -923,10 +920,8 @@ class SyntheticShapes(Dataset):
     @staticmethod
     def _draw(label, s, rng):
         y, x = np.mgrid[0:s, 0:s] / s                    # pixel centres in [0, 1)
-        cx, cy = rng.uniform(0.3, 0.7, size=2)
-        r = rng.uniform(0.15, 0.35)                      # shape radius, as a fraction of the image
-        period = rng.uniform(0.12, 0.3)                  # texture period, likewise
-        phase = rng.uniform(0, 1)
+        (cx, cy), r = rng.uniform(0.3, 0.7, size=2), rng.uniform(0.15, 0.35)  # centre; radius, a fraction of the image
+        period, phase = rng.uniform(0.12, 0.3), rng.uniform(0, 1)              # the textures' period, likewise
         dx, dy = x - cx, y - cy
         masks = [dx ** 2 + dy ** 2 < r ** 2,                                          # disk
                  np.maximum(abs(dx), abs(dy)) < r * 0.8,                              # square
@@ -980,8 +975,7 @@ def read_image(path):
                 img = Image.fromarray(np.round(np.asarray(img, dtype=np.float64).clip(0, 65535) / 257).astype(np.uint8))
             return img.convert("RGB")
     except Exception as err:  # truncated, corrupt, gone since the listing: PIL raises many kinds
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnreadableImage(f"cannot decode the image {path} ({reason}); repair or remove it") from None
+        raise UnreadableImage(f"cannot decode the image {path} ({last_line(err)}); repair or remove it") from None
 
 # ---- SimCLR's colour augmentation on the device, a batch at a time (--batch-augment) ----------------
 # ssl_augmentation's colour steps batched: the same constants and distributions, each image with its own draws.

@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import glob
 import hashlib
+import importlib.util
 import inspect
 import io
 import json
@@ -28,14 +29,12 @@ import traceback
 # when torch loads, by this process and every script it starts.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import nbformat
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
-from nbclient import NotebookClient
 from PIL import Image
 from torchvision.transforms import v2
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -77,6 +76,47 @@ def start_dogo(*args):
 def one_line(err):
     """Whether the text is exactly one line, as every refusal must be."""
     return err.count("\n") == 1 and err.endswith("\n")
+
+
+# The two longest runs, the README's demo and the tutorial's re-execution, start with the session's first test and
+# run beside the others, which mostly wait for processes that start: on two cores the suite ends 1.5 minutes sooner.
+# Their results do not depend on the load, only on the seed, torch, the thread count and the processor.
+EXECUTE_NOTEBOOK = """import sys, nbformat
+from nbclient import NotebookClient
+notebook = nbformat.read(sys.argv[1], as_version=4)
+NotebookClient(notebook, kernel_name="python3", timeout=600, resources={"metadata": {"path": "."}}).execute()
+nbformat.write(notebook, sys.argv[2])"""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(request, tmp_path_factory):
+    """{name: (process, its folder)} of the long runs that the selected tests read, started now."""
+    wanted = {name for item in request.session.items for name in item.fixturenames}
+    commands = {}
+    if "readme_demo" in wanted:
+        commands["readme_demo"] = [DOGO, *README_DEMO.split()[2:]]  # as a user runs it, in a scratch folder
+    if "tutorial_runs" in wanted and all(importlib.util.find_spec(m) for m in ("nbformat", "nbclient")):
+        commands["tutorial"] = ["-c", EXECUTE_NOTEBOOK, TUTORIAL, "executed.ipynb"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))}
+    env.pop("TUTORIAL_SEED", None)  # the seed of the committed outputs
+    runs = {}
+    for name, args in commands.items():
+        folder = tmp_path_factory.mktemp(name)
+        with open(folder / "stderr.txt", "w") as err:
+            runs[name] = subprocess.Popen([sys.executable, *args], cwd=folder, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=err), folder
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def finished(run, what):
+    """The folder of a background run, once it has ended well."""
+    process, folder = run
+    assert process.wait(timeout=900) == 0, f"{what} failed:\n" + (folder / "stderr.txt").read_text()[-4000:]
+    return folder
 
 
 def saved_step(out_dir):
@@ -920,14 +960,17 @@ README_DEMO = ("python dogo.py --dataset synthetic --arch wrn10_2 --peer wrn10_2
                "--batch-size 64 --lr 1e-3 --epochs 2 --out-dir runs/demo")
 
 
-def test_the_readme_demo_shows_what_the_readme_says(tmp_path):
+@pytest.fixture
+def readme_demo(background_runs):
+    return finished(background_runs["readme_demo"], "the README's demo")
+
+
+def test_the_readme_demo_shows_what_the_readme_says(readme_demo):
     """The demo command of the README, run as a user runs it (in a scratch folder), lands in the README's ranges."""
     with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
     assert README_DEMO in readme and "21-26% untrained" in readme and "30-35% after 64 steps" in readme
-    result = run_script("dogo.py", *README_DEMO.split()[2:], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = [row for row in read_metrics(tmp_path / "runs" / "demo") if row["knn"]]
+    rows = [row for row in read_metrics(readme_demo / "runs" / "demo") if row["knn"]]
     assert [int(row["step"]) for row in rows] == [0, 32, 64]
     floor, last = float(rows[0]["knn"]), float(rows[-1]["knn"])
     assert 20 <= floor <= 27 and 29 <= last <= 36 and last - floor >= 6, (floor, last)
@@ -1450,8 +1493,22 @@ def _each_process_with_its_half_of_the_batch(rank, projections, views, out):
     losses = {name: value_and_gradients(lambda *z: loss(*map(dogo.gather, z)), mine)  # as ssl_loss does
               for name, loss in LOSSES.items()}
     gradients = weight_gradients(*fixed_pair(), views.chunk(2)[rank], torch.nn.parallel.DistributedDataParallel)
+    # --compile: dogo.runner wraps in DDP, then compiles. aot_eager (dynamo's capture and AOTAutograd's graphs,
+    # without inductor's C++ code generation, minutes on a CPU), chosen through torch's own override.
+    torch._dynamo.config.debug_backend_override = ">=0:aot_eager"
+    cfg, student, peer = fixed_pair()
+    runners = []
+
+    def compiled_runner(net):  # what train_step gets under torchrun with --compile
+        runners.append(dogo.runner(net, dataclasses.replace(cfg, compile=True), CPU, world=2))
+        return runners[-1]
+
+    compiled = weight_gradients(cfg, student, peer, views.chunk(2)[rank], compiled_runner)
+    wrapped = all(isinstance(r, torch.nn.parallel.DistributedDataParallel) and r._compiled_call_impl is not None
+                  for r in runners)
     shared = _incoming_gradient_after_gather_backward(mine[0].detach())
-    torch.save({"losses": losses, "gradients": gradients, "shared": shared}, f"{out}/{rank}.pt")
+    torch.save({"losses": losses, "gradients": gradients, "compiled": (wrapped, compiled), "shared": shared},
+               f"{out}/{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -1484,6 +1541,14 @@ def test_distributed_train_step_gives_the_weights_the_whole_batch_s_gradient(two
     expected = weight_gradients(*fixed_pair(), views)
     for got in results:
         assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-6) for g, e in zip(got["gradients"], expected))
+
+
+def test_distributed_compiled_train_step_gives_the_same_gradients(two_processes):
+    """--compile under torchrun: each network compiled after its DDP wrap, the same gradients as without."""
+    for got in two_processes[2]:
+        wrapped, compiled = got["compiled"]
+        assert wrapped and len(compiled) == len(got["gradients"])
+        assert all(torch.allclose(c, g, rtol=1e-4, atol=1e-6) for c, g in zip(compiled, got["gradients"]))
 
 
 def test_distributed_gather_backward_leaves_a_shared_incoming_gradient_as_it_was(two_processes):
@@ -1562,21 +1627,6 @@ def test_distributed_torchrun_trains_writes_once_resumes_and_stops_on_one_proces
     assert [int(r["step"]) for r in read_metrics(out)] == list(range(1, step + 1))
 
 
-def test_distributed_compiled_run_computes_what_the_plain_one_does(torchrun_run, tmp_path):
-    """--compile under torchrun: compiled after the DDP wrap. aot_eager (dynamo's capture and AOTAutograd's
-    graphs without inductor's C++ code generation, minutes on a CPU) chosen through torch's own override."""
-    plain = read_metrics(torchrun_run[1])[:3]
-    out = str(tmp_path / "compiled")
-    result = torchrun(*TINY, "--max-steps", "3", "--compile", "--out-dir", out,
-                      env={"TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    compiled = read_metrics(out)
-    assert dogo.load_checkpoint(os.path.join(out, "checkpoint.pt")).cfg.compile
-    for a, b in zip(plain, compiled, strict=True):
-        assert [float(b[k]) for k in ("ssl", "kl", "ssl_peer", "kl_peer")] == pytest.approx(
-            [float(a[k]) for k in ("ssl", "kl", "ssl_peer", "kl_peer")], rel=1e-4)
-
-
 def child_processes(pid):
     """{RANK: pid} of the processes whose parent is pid, read from /proc (their environment holds torchrun's RANK)."""
     children = {}
@@ -1593,17 +1643,13 @@ def child_processes(pid):
     return children
 
 
-@pytest.mark.parametrize("problem", ["a batch that does not split", "an out-dir that refuses"])
-def test_distributed_a_user_error_is_one_line_from_process_0_and_no_traceback(tmp_path, problem):
-    """Every process meets the first problem; only process 0 the second (it alone writes), the other losing its
-    process group: in both cases one error line in all, from process 0, and no traceback from any process."""
+def test_distributed_a_user_error_is_one_line_from_process_0_and_no_traceback(tmp_path):
+    """Only process 0 meets this problem (it alone writes), the other losing its process group: one error line in
+    all, from process 0, and no traceback from any process. (A problem that every process meets: the next tests.)"""
     out, logs = tmp_path / "run", tmp_path / "logs"
-    if problem == "an out-dir that refuses":
-        out.mkdir()
-        (out / "metrics.csv").write_text("epoch,step,ssl\n1,1,2.5\n")  # an earlier run's
-        args, message = ["--max-steps", "4"], f"--out-dir {out} holds an earlier run's metrics.csv"
-    else:
-        args, message = ["--batch-size", "7"], "--batch-size 7 does not split evenly over 2 processes"
+    out.mkdir()
+    (out / "metrics.csv").write_text("epoch,step,ssl\n1,1,2.5\n")  # an earlier run's
+    args, message = ["--max-steps", "4"], f"--out-dir {out} holds an earlier run's metrics.csv"
     result = torchrun(*TINY, "--out-dir", str(out), *args, logs=logs)
     assert result.returncode != 0
     outputs = worker_outputs(logs)
@@ -1635,13 +1681,16 @@ def test_world_size_without_torchrun_is_one_line(monkeypatch, capsys):
     (["--sync-bn"], "--sync-bn needs GPUs"),
 ])
 def test_distributed_impossible_settings_are_one_line_and_exit_2(args, message, monkeypatch, capsys):
-    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
-        monkeypatch.setenv(name, value)  # what torchrun tells process 0 of 2
-    with pytest.raises(SystemExit) as stop:
-        dogo.main([*TINY, "--device", "cpu", *args])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and one_line(err)
+    """Every process meets these: process 0 says why; process 1 says nothing and ends after it."""
+    for rank in (0, 1):
+        for name, value in dict(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                                MASTER_PORT="1").items():
+            monkeypatch.setenv(name, value)  # what torchrun tells process `rank` of 2
+        with pytest.raises(SystemExit) as stop:
+            dogo.main([*TINY, "--device", "cpu", *args])
+        assert stop.value.code == 2
+        out, err = capsys.readouterr()
+        assert (message in err and one_line(err)) if rank == 0 else out == err == "", (rank, out, err)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2167,10 +2216,9 @@ def _eval_checkpoint(tmp_path_factory):
     """A DoGo checkpoint (wrn10_2 + wrn10_2 peer, one epoch of two steps at 16 px on 200 synthetic images), beside
     the metrics.csv of its run, whose last row holds the kNN monitor's figures (its bank: all 200)."""
     out = tmp_path_factory.mktemp("dogo_run")
-    result = run_dogo("--dataset", "synthetic", "--arch", "wrn10_2", "--peer", "wrn10_2", "--img-size",
-                      "16", "--batch-size", "100", "--synthetic-size", "200", "--max-steps", "2",
-                      "--knn-images", "200", "--workers", "0", "--device", "cpu", "--out-dir", str(out))
-    assert result.returncode == 0, result.stderr
+    printed(["--dataset", "synthetic", "--arch", "wrn10_2", "--peer", "wrn10_2", "--img-size", "16", "--batch-size",
+             "100", "--synthetic-size", "200", "--max-steps", "2", "--knn-images", "200", "--workers", "0",
+             "--device", "cpu", "--out-dir", str(out)])
     return str(out / "checkpoint.pt")
 
 
@@ -2738,8 +2786,9 @@ def _eval_snapshot(folder):
             if name in files else None for top, dirs, files in os.walk(folder) for name in dirs + files}
 
 
-def test_eval_refusals_come_before_anything_is_written(_eval_checkpoint, tmp_path):
-    """Each its own process, as a user runs it: one line, exit 2, and no file or folder made or changed."""
+def test_eval_refusals_come_before_anything_is_written(_eval_checkpoint, tmp_path, monkeypatch, capsys):
+    """One line, exit 2, and no file or folder made or changed: the first case in its own process, as a user runs
+    it; the others in this one, from the same folder."""
     checkpoint = _eval_own_copy(_eval_checkpoint, tmp_path / "run")
     Image.new("RGB", (4, 4)).save(tmp_path / "plot.png")
     empty_test = _eval_image_folder(tmp_path / "data", ("a", "b"), {"train": 2, "test": 0})
@@ -2753,12 +2802,16 @@ def test_eval_refusals_come_before_anything_is_written(_eval_checkpoint, tmp_pat
         (random + ["--dataset", "imagefolder", "--data-dir", empty_test], "cannot load imagefolder (test split)"),
     ]
     before = _eval_snapshot(tmp_path)
-    runs = [subprocess.Popen([sys.executable, os.path.join(HERE, "eval_linear.py"), "--workers", "0", *argv],
-                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for argv, _ in cases]
-    for run, (argv, expected) in zip(runs, cases):
-        out, err = run.communicate(timeout=300)
-        assert run.returncode == 2 and err.count("\n") == 1, (argv, err)
+    run = subprocess.run([sys.executable, os.path.join(HERE, "eval_linear.py"), "--workers", "0", *cases[0][0]],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    errors = [(run.returncode, run.stderr)]
+    monkeypatch.chdir(tmp_path)
+    for argv, _ in cases[1:]:
+        with pytest.raises(SystemExit) as stop:
+            eval_linear.main(["--workers", "0", *argv])
+        errors.append((stop.value.code, capsys.readouterr().err))
+    for (code, err), (argv, expected) in zip(errors, cases):
+        assert code == 2 and err.count("\n") == 1, (argv, err)
         assert err.startswith("eval_linear.py: error: ") and expected in err, (argv, err)
     assert _eval_snapshot(tmp_path) == before  # no runs/random/, no results.jsonl, the checkpoint as it was
 
@@ -2818,19 +2871,12 @@ ENVIRONMENT = ("torch", "threads", "machine", "processor", "cpu")
 
 
 @pytest.fixture(scope="module")
-def tutorial_runs(tmp_path_factory):
+def tutorial_runs(background_runs):
     """(the committed notebook, the same notebook executed now)."""
-    committed = nbformat.read(TUTORIAL, as_version=4)
-    fresh = nbformat.read(TUTORIAL, as_version=4)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")])))
-        mp.delenv("TUTORIAL_SEED", raising=False)  # the seed of the committed outputs
-        # Waiting threads sleep instead of spinning: on a busy machine spinning made the notebook 4x slower. It
-        # changes no result (the wait policy does not change how the work is split between the threads).
-        mp.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-        NotebookClient(fresh, kernel_name="python3", timeout=600,
-                       resources={"metadata": {"path": str(tmp_path_factory.mktemp("tutorial"))}}).execute()
-    return committed, fresh
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
+    folder = finished(background_runs["tutorial"], "tutorial.ipynb")
+    return nbformat.read(TUTORIAL, as_version=4), nbformat.read(folder / "executed.ipynb", as_version=4)
 
 
 def harness_record(notebook):

@@ -93,18 +93,17 @@ def background_runs(request, tmp_path_factory):
     """{name: (process, its folder)} of the long runs that the selected tests read, started now."""
     wanted = {name for item in request.session.items for name in item.fixturenames}
     commands = {}
-    if "readme_demo" in wanted:
-        commands["readme_demo"] = [DOGO, *README_DEMO.split()[2:]]  # as a user runs it, in a scratch folder
+    if "readme_demo" in wanted:  # as a user runs it, in a scratch folder
+        commands["readme_demo"] = [sys.executable, DOGO, *README_DEMO.split()[2:]]
     if "tutorial_runs" in wanted and all(importlib.util.find_spec(m) for m in ("nbformat", "nbclient")):
-        commands["tutorial"] = ["-c", EXECUTE_NOTEBOOK, TUTORIAL, "executed.ipynb"]
+        commands["tutorial"] = [sys.executable, "-c", EXECUTE_NOTEBOOK, TUTORIAL, "executed.ipynb"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))}
     env.pop("TUTORIAL_SEED", None)  # the seed of the committed outputs
     runs = {}
     for name, args in commands.items():
         folder = tmp_path_factory.mktemp(name)
         with open(folder / "stderr.txt", "w") as err:
-            runs[name] = subprocess.Popen([sys.executable, *args], cwd=folder, env=env, stdout=subprocess.DEVNULL,
-                                          stderr=err), folder
+            runs[name] = subprocess.Popen(args, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=err), folder
     yield runs
     for process, _ in runs.values():
         if process.poll() is None:
@@ -524,7 +523,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_no_temporary_file(saved_r
             g.write(f.read())
     size = os.path.getsize(os.path.join(out, "checkpoint.pt"))
     result = run_with_file_limit(size // 2, "dogo.py", "--resume", os.path.join(out, "checkpoint.pt"), "--epochs", "2",
-                                 "--device", "cpu")
+                                 "--device", "cpu", "--workers", "0")
     assert result.returncode == 2 and one_line(result.stderr) and "Traceback" not in result.stderr, result.stderr
     assert f"cannot save {out}/checkpoint.pt" in result.stderr and "previous one is left as it was" in result.stderr
     assert sorted(os.listdir(out)) == ["checkpoint.pt", "losses.png", "metrics.csv", "run.lock"]  # no .tmp file
@@ -1425,8 +1424,14 @@ def test_a_stop_signal_before_the_loop_is_one_line(monkeypatch, capsys, tmp_path
         os.kill(os.getpid(), signum)
         time.sleep(10)  # the handler raises here
     monkeypatch.setattr(dogo, "train", starting)
-    with pytest.raises(SystemExit) as stop:
-        dogo.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path)])
+    # Ctrl-C as Python sets it up when started from a terminal: a job that a script starts in the background
+    # inherits SIGINT ignored (so may this test's process), and dogo.py leaves that choice alone.
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            dogo.main([*TINY, "--max-steps", "1", "--out-dir", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
     err = capsys.readouterr().err
     assert stop.value.code == 128 + signum and one_line(err) and signal.Signals(signum).name in err, err
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main leaves the handlers as it found them

@@ -12,8 +12,8 @@ learns to agree with the other on how similar the images of a batch are (mutual 
 examples:
   python dogo.py --arch resnet18 --peer resnet50      # the paper's set-up: CIFAR-10, a GPU job
   python dogo.py --arch resnet18 --peer none          # the baseline: the student alone
-  python dogo.py --dataset synthetic --arch wrn10_2 --peer wrn10_2 --img-size 16 --synthetic-size 2048 \\
-      --batch-size 64 --lr 1e-3 --epochs 2 --out-dir runs/demo        # offline, on a CPU: the README's demo
+  python dogo.py --dataset synthetic --arch wrn10_2 --peer wrn10_2 --img-size 16 --synthetic-size 1024 \\
+      --batch-size 32 --lr 1e-3 --epochs 2 --out-dir runs/demo        # offline, on a CPU: the README's demo
   python dogo.py --resume runs/cifar10_resnet18_resnet50/checkpoint.pt --epochs 400
   python dogo.py --resume auto ...                    # the same command each time a cluster requeues the job
   torchrun --standalone --nproc_per_node=8 dogo.py --batch-size 256   # 8 GPUs, 32 images each

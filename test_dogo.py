@@ -955,8 +955,8 @@ def test_an_image_folder_without_a_test_split_trains_without_the_monitor(tmp_pat
 
 # The README's offline demo, as written there, and the range its text quotes: over --seed 0 to 3 the student's kNN
 # top-1 rose from 20.9-26.2% at step 0 to 30.1-35.0% after 64 steps, by 7.4 to 9.2 points.
-README_DEMO = ("python dogo.py --dataset synthetic --arch wrn10_2 --peer wrn10_2 --img-size 16 --synthetic-size 2048 "
-               "--batch-size 64 --lr 1e-3 --epochs 2 --out-dir runs/demo")
+README_DEMO = ("python dogo.py --dataset synthetic --arch wrn10_2 --peer wrn10_2 --img-size 16 --synthetic-size 1024 "
+               "--batch-size 32 --lr 1e-3 --epochs 2 --out-dir runs/demo")
 
 
 @pytest.fixture
@@ -968,11 +968,11 @@ def test_the_readme_demo_shows_what_the_readme_says(readme_demo):
     """The demo command of the README, run as a user runs it (in a scratch folder), lands in the README's ranges."""
     with open(os.path.join(HERE, "README.md")) as f:
         readme = f.read()
-    assert README_DEMO in readme and "21-26% untrained" in readme and "30-35% after 64 steps" in readme
+    assert README_DEMO in readme and "19-23% untrained" in readme and "30-33% after 64 steps" in readme
     rows = [row for row in read_metrics(readme_demo / "runs" / "demo") if row["knn"]]
     assert [int(row["step"]) for row in rows] == [0, 32, 64]
     floor, last = float(rows[0]["knn"]), float(rows[-1]["knn"])
-    assert 20 <= floor <= 27 and 29 <= last <= 36 and last - floor >= 6, (floor, last)
+    assert 18 <= floor <= 24 and 29 <= last <= 34 and last - floor >= 8, (floor, last)
 
 
 def test_help_documents_every_flag_and_ends_with_the_examples(capsys):

@@ -530,8 +530,9 @@ def resolve_config(cfg, given=frozenset(), device=torch.device("cpu")):
     except FIXED_ON_RESUME, which must agree; MACHINE never comes from it; the out-dir is its folder by default."""
     cfg = dataclasses.replace(check_config(cfg), img_size=cfg.img_size or DATASETS[cfg.dataset].img_size)
     cfg.out_dir = cfg.out_dir or os.path.join("runs", f"{cfg.dataset}_{cfg.arch}_{cfg.peer}")
-    auto = os.path.join(cfg.out_dir, OUTPUTS[0])  # --resume auto: the same command starts a run, then continues it
-    cfg.resume = (auto if os.path.exists(auto) else "") if cfg.resume == "auto" else cfg.resume
+    if cfg.resume == "auto":  # the same command starts a run, then continues it each time a job is requeued
+        auto = os.path.join(cfg.out_dir, OUTPUTS[0])
+        cfg.resume = auto if os.path.exists(auto) else ""
     if not cfg.resume:
         return cfg, None
     saved = load_checkpoint(cfg.resume, device=device)
